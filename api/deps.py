@@ -1,0 +1,78 @@
+"""Request dependencies: database session and the caller's principal, by role.
+
+Every tenant-scoped route takes its tenant from ``Principal.tenant_id`` — never from the path or
+body — so there is exactly one place where ownership is decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.errors import PermissionDenied, Unauthenticated
+from core.keys import Principal, authenticate
+from core.models import KeyRole
+from core.settings import ApiSettings
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="A tuneloop API key: `tl_...`")
+
+
+async def get_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer tl_...'")
+    return await authenticate(session, credentials.credentials)
+
+
+def get_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+
+
+async def require_platform(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if principal.role is not KeyRole.platform:
+        raise PermissionDenied("this route needs a platform (operator) key")
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+    """The tenant id of a tenant admin key."""
+    if principal.role is KeyRole.platform:
+        raise PermissionDenied(
+            "platform keys act on a tenant only through /v1/tenants/{tenant_id}/...; "
+            "use a tenant admin key here"
+        )
+    if principal.role is not KeyRole.admin:
+        raise PermissionDenied("this route needs a tenant admin key")
+    assert principal.tenant_id is not None
+    return principal.tenant_id
+
+
+async def require_product(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+    """The tenant id of a tenant product (or admin) key."""
+    if principal.role is KeyRole.platform:
+        raise PermissionDenied("this route needs a tenant key (product or admin)")
+    assert principal.tenant_id is not None
+    return principal.tenant_id
+
+
+PlatformDep = Annotated[Principal, Depends(require_platform)]
+AdminTenantDep = Annotated[str, Depends(require_admin)]
+ProductTenantDep = Annotated[str, Depends(require_product)]

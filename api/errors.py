@@ -1,0 +1,111 @@
+"""One place that turns errors into the JSON envelope ``{"error": {code, message, details}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[str, int | None]:
+    """('body', 'batch', 'items', 3, 'rating') -> ('items[3].rating', 3)."""
+    parts: list[str] = []
+    index = None
+    # Drop the request part and the tags of the single-item/batch union.
+    for i, part in enumerate(loc):
+        if i == 0 and part in ("body", "query", "path", "header"):
+            continue
+        if part in ("item", "batch") and i == 1:
+            continue
+        if isinstance(part, int):
+            if parts and parts[-1] == "items" and index is None:
+                index = part
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+        else:
+            parts.append(str(part))
+    return ".".join(parts), index
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    details = []
+    for err in exc.errors():
+        field, index = _field_path(tuple(err.get("loc", ())))
+        entry: dict[str, Any] = {"field": field or None, "message": err.get("msg", "invalid")}
+        if index is not None:
+            entry["index"] = index
+        details.append(entry)
+    return details
+
+
+async def _on_domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        err = next(e for e in exc.errors() if e.get("type") == "json_invalid")
+        reason = (err.get("ctx") or {}).get("error", "")
+        return error_response(
+            400, "malformed_json", f"the request body is not valid JSON: {reason}".rstrip(": ")
+        )
+    details = _validation_details(exc)
+    first = details[0]
+    where = f"{first['field']}: " if first.get("field") else ""
+    message = f"invalid request: {where}{first['message']}"
+    if len(details) > 1:
+        message += f" (and {len(details) - 1} more problem(s), see details)"
+    return error_response(422, "invalid_input", message, details)
+
+
+async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def _on_database_down(_: Request, exc: Exception) -> JSONResponse:
+    # A lost connection is the client's cue to retry; nothing was acknowledged.
+    log.warning("database unavailable: %s", exc)
+    return error_response(
+        503, "unavailable", "the database is unavailable; nothing was stored, retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _on_domain_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(OperationalError, _on_database_down)
+    app.add_exception_handler(InterfaceError, _on_database_down)
+    app.add_exception_handler(ConnectionError, _on_database_down)

@@ -1,0 +1,62 @@
+"""Tenants, managed by the platform operator."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from api.deps import PlatformDep, SessionDep
+from api.schemas import KeyCreated, KeyOut, ListOf, TenantCreate, TenantCreated, TenantOut, TenantPatch
+from core import tenants
+from core.keys import IssuedKey
+
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+
+
+def _created(issued: IssuedKey) -> KeyCreated:
+    return KeyCreated(**KeyOut.of(issued.row).model_dump(), key=issued.secret)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_tenant(body: TenantCreate, session: SessionDep, _: PlatformDep) -> TenantCreated:
+    """Create a tenant with its first admin and product keys (shown once)."""
+    new = await tenants.create_tenant(session, slug=body.slug, name=body.name)
+    return TenantCreated(
+        tenant=TenantOut.of(new.tenant),
+        admin_key=_created(new.admin_key),
+        product_key=_created(new.product_key),
+    )
+
+
+@router.get("")
+async def list_tenants(
+    session: SessionDep,
+    _: PlatformDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+) -> ListOf[TenantOut]:
+    rows = await tenants.list_tenants(session, limit=limit + 1, after=cursor)
+    page = rows[:limit]
+    more = len(rows) > limit
+    return ListOf[TenantOut](
+        data=[TenantOut.of(t) for t in page],
+        has_more=more,
+        next_cursor=page[-1].id if more else None,
+    )
+
+
+@router.get("/{tenant_id}")
+async def get_tenant(tenant_id: str, session: SessionDep, _: PlatformDep) -> TenantOut:
+    return TenantOut.of(await tenants.get_tenant(session, tenant_id=tenant_id))
+
+
+@router.patch("/{tenant_id}")
+async def update_tenant(
+    tenant_id: str, body: TenantPatch, session: SessionDep, _: PlatformDep
+) -> TenantOut:
+    """Rename, suspend (``status: suspended``) or reactivate a tenant."""
+    tenant = await tenants.update_tenant(
+        session, tenant_id=tenant_id, name=body.name, status=body.status
+    )
+    return TenantOut.of(tenant)

@@ -1,0 +1,54 @@
+"""Domain errors with stable codes. The API maps them to HTTP in one handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """Base of every error a client can cause. ``code`` is stable; ``message`` says what to fix."""
+
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(DomainError):
+    code = "invalid_input"
+    status = 422
+
+
+class Unauthenticated(DomainError):
+    code = "unauthenticated"
+    status = 401
+
+
+class PermissionDenied(DomainError):
+    code = "permission_denied"
+    status = 403
+
+
+class NotFound(DomainError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(DomainError):
+    code = "conflict"
+    status = 409
+
+
+class QuotaExceeded(DomainError):
+    code = "quota_exceeded"
+    status = 402
+
+
+class Unavailable(DomainError):
+    code = "unavailable"
+    status = 503

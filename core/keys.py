@@ -1,0 +1,129 @@
+"""API keys: random secrets with a visible prefix, stored as SHA-256, checked in constant time.
+
+A key looks like ``tl_<role letter><10 chars>_<43 chars of secret>``. The part before the second
+underscore is the lookup prefix (shown in listings); only the hash of the whole key is stored.
+SHA-256 is the right hash here: the secret is 256 random bits, so there is nothing to brute-force
+and a slow password hash would only cost latency on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from core.models import ApiKey, KeyRole, Tenant, TenantStatus
+
+_ROLE_LETTER = {KeyRole.platform: "p", KeyRole.admin: "a", KeyRole.product: "k"}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant always comes from here, never from the request."""
+
+    key_id: str
+    role: KeyRole
+    tenant_id: str | None
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly created key. ``secret`` is shown once and never stored."""
+
+    row: ApiKey
+    secret: str
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_secret(role: KeyRole) -> tuple[str, str]:
+    prefix = f"tl_{_ROLE_LETTER[role]}{secrets.token_hex(5)}"
+    return prefix, f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def _prefix_of(secret: str) -> str | None:
+    head, sep, tail = secret.rpartition("_")
+    if not sep or not head.startswith("tl_") or len(head) > 32 or not tail:
+        return None
+    return head
+
+
+async def create_key(
+    session: AsyncSession, *, tenant_id: str | None, role: KeyRole, name: str = ""
+) -> IssuedKey:
+    """Add a key to the session (the caller commits). Platform keys have no tenant."""
+    if (role is KeyRole.platform) != (tenant_id is None):
+        raise InvalidInput("platform keys have no tenant; admin and product keys need one")
+    prefix, secret = _new_secret(role)
+    row = ApiKey(tenant_id=tenant_id, role=role, name=name, prefix=prefix, key_hash=hash_key(secret))
+    session.add(row)
+    await session.flush()
+    return IssuedKey(row=row, secret=secret)
+
+
+async def authenticate(session: AsyncSession, secret: str) -> Principal:
+    """The principal of a presented key, or ``Unauthenticated`` / ``PermissionDenied``."""
+    prefix = _prefix_of(secret)
+    if prefix is None:
+        raise Unauthenticated("malformed API key: expected 'Authorization: Bearer tl_...'")
+    row = (
+        await session.execute(
+            select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, ApiKey.key_hash, ApiKey.revoked_at,
+                   Tenant.status)
+            .outerjoin(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.prefix == prefix)
+        )
+    ).first()
+    # Compare even when no row matched, so timing does not tell which prefixes exist.
+    expected = row.key_hash if row is not None else hash_key("")
+    if not hmac.compare_digest(expected, hash_key(secret)) or row is None:
+        raise Unauthenticated("unknown API key")
+    if row.revoked_at is not None:
+        raise Unauthenticated("this API key has been revoked")
+    if row.tenant_id is not None and row.status is TenantStatus.suspended:
+        raise PermissionDenied("this tenant is suspended", code="tenant_suspended")
+    return Principal(key_id=row.id, role=row.role, tenant_id=row.tenant_id)
+
+
+async def list_keys(session: AsyncSession, *, tenant_id: str) -> list[ApiKey]:
+    rows = await session.scalars(
+        select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id)
+    )
+    return list(rows)
+
+
+async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> ApiKey:
+    """Revoke one of the tenant's keys. Refuses to revoke its last active admin key."""
+    key = await session.scalar(
+        select(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.id == key_id)
+    )
+    if key is None:
+        raise NotFound(f"no API key {key_id!r}")
+    if key.revoked_at is not None:
+        return key
+    if key.role is KeyRole.admin:
+        admins = await session.scalar(
+            select(func.count()).select_from(ApiKey).where(
+                ApiKey.tenant_id == tenant_id,
+                ApiKey.role == KeyRole.admin,
+                ApiKey.revoked_at.is_(None),
+            )
+        )
+        if (admins or 0) <= 1:
+            raise Conflict(
+                "this is the tenant's last active admin key; create another admin key first",
+                code="last_admin_key",
+            )
+    await session.execute(
+        update(ApiKey).where(ApiKey.id == key.id).values(revoked_at=datetime.now(UTC))
+    )
+    await session.refresh(key)
+    return key

@@ -1,0 +1,106 @@
+"""Process settings, read from the environment once in ``main()`` / ``create_app()``.
+
+One class per process kind; each is built explicitly and passed down. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What every tuneloop process needs."""
+
+    # env_ignore_empty: ``DATABASE_URL=`` means "unset", not an empty URL.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
+
+    data_dir: Path = Field(
+        default=Path(".tuneloop"), validation_alias=AliasChoices("TUNELOOP_DATA_DIR", "data_dir")
+    )
+    """Database file (SQLite default), artifacts, converted models and Temporal's file live here."""
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    """SQLAlchemy URL. Unset: SQLite in the data dir. ``postgresql://`` URLs use asyncpg."""
+
+    temporal_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("TEMPORAL_ADDRESS", "temporal_address")
+    )
+    """host:port of a Temporal frontend. Unset: ``tuneloop up`` starts the dev server."""
+
+    base_model: str = Field(
+        default="smollm2-135m-instruct",
+        validation_alias=AliasChoices("TUNELOOP_BASE_MODEL", "base_model"),
+    )
+    """Registry name or local Hugging Face directory of the shared base model."""
+
+    serving_backend: Literal["local", "vllm"] = Field(
+        default="local",
+        validation_alias=AliasChoices("TUNELOOP_SERVING_BACKEND", "serving_backend"),
+    )
+    """Where completions are computed: in process (``local``) or on a vLLM pool (``vllm``)."""
+
+    vllm_urls: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("TUNELOOP_VLLM_URLS", "vllm_urls")
+    )
+    """Comma-separated base URLs of the vLLM replicas (private network only)."""
+
+    stripe_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_KEY", "stripe_api_key")
+    )
+    stripe_webhook_secret: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
+    )
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("sqlite", "postgresql", "postgres")):
+            raise ValueError(
+                "DATABASE_URL must be a sqlite:// or postgresql:// URL, "
+                f"got scheme {value.split(':', 1)[0]!r}"
+            )
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The async SQLAlchemy URL: asyncpg for Postgres, aiosqlite for SQLite."""
+        url = self.database_url
+        if url is None:
+            return f"sqlite+aiosqlite:///{(self.data_dir / 'tuneloop.db').resolve()}"
+        scheme, rest = url.split("://", 1)
+        if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
+            return f"postgresql+asyncpg://{rest}"
+        if scheme == "sqlite":
+            return f"sqlite+aiosqlite://{rest}"
+        return url
+
+    @property
+    def is_embedded_sqlite(self) -> bool:
+        return self.database_url is None
+
+
+class ApiSettings(Settings):
+    """Settings of the HTTP API process."""
+
+    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("TUNELOOP_HOST", "host"))
+    port: int = Field(
+        default=8000, ge=1, le=65535, validation_alias=AliasChoices("TUNELOOP_PORT", "port")
+    )
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Requests with a larger body are refused with 413 before they are parsed."""

@@ -1,0 +1,1 @@
+"""Process entry points: the ``tuneloop`` command line and the demo."""

@@ -1,0 +1,183 @@
+"""The ``tuneloop`` command line: the operator's tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db import create_engine, create_sessionmaker
+from core.errors import DomainError
+from core.settings import ApiSettings, Settings
+
+app = typer.Typer(
+    help="tuneloop: per-tenant LLM personalization. Configure with environment variables "
+    "(DATABASE_URL, TUNELOOP_DATA_DIR, ...; see the README).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+
+T = TypeVar("T")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _settings(cls: type[Settings] = Settings, **overrides: Any) -> Any:
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise _fail(f"bad configuration: {first['loc'][0]}: {first['msg']}") from None
+
+
+def _run(make: Callable[[AsyncEngine], Awaitable[T]], settings: Settings | None = None) -> T:
+    """Run one async task with an engine on a migrated schema; domain errors become a line."""
+    from tuneloop.runtime import SchemaBehind, ensure_schema
+
+    settings = settings or _settings()
+
+    async def main() -> T:
+        engine = create_engine(settings)
+        try:
+            await ensure_schema(engine, settings)
+            return await make(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except (DomainError, SchemaBehind) as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot reach the database: {exc}") from None
+
+
+def _print(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Migrate the database (DATABASE_URL, or SQLite in the data dir) to the latest schema."""
+    import migrations
+
+    settings = _settings()
+
+    async def main() -> str | None:
+        engine = create_engine(settings)
+        try:
+            await migrations.upgrade(engine, revision)
+            return await migrations.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        current = asyncio.run(main())
+    except OSError as exc:
+        raise _fail(f"cannot reach the database: {exc}") from None
+    typer.echo(f"database at revision {current}")
+
+
+@tenants_app.command("create")
+def tenants_create(
+    slug: Annotated[str, typer.Argument(help="lower-case letters, digits and hyphens")],
+    name: Annotated[str | None, typer.Option(help="display name (default: the slug)")] = None,
+) -> None:
+    """Create a tenant; prints it with its first admin and product keys (shown once) as JSON."""
+    from core.tenants import create_tenant
+
+    async def make(engine: AsyncEngine) -> dict[str, Any]:
+        async with create_sessionmaker(engine)() as session:
+            new = await create_tenant(session, slug=slug, name=name)
+        return {
+            "tenant": {"id": new.tenant.id, "slug": new.tenant.slug, "name": new.tenant.name},
+            "admin_key": {"id": new.admin_key.row.id, "key": new.admin_key.secret},
+            "product_key": {"id": new.product_key.row.id, "key": new.product_key.secret},
+        }
+
+    _print(_run(make))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str | None, typer.Option(help="tenant slug")] = None,
+    role: Annotated[str | None, typer.Option(help="admin or product")] = None,
+    platform: Annotated[bool, typer.Option("--platform", help="an operator key")] = False,
+    name: Annotated[str, typer.Option(help="a label for the key")] = "",
+) -> None:
+    """Create one key and print it as JSON: ``--tenant SLUG --role admin|product`` or ``--platform``."""
+    from core.keys import create_key
+    from core.models import KeyRole
+    from core.tenants import get_tenant_by_slug
+
+    if platform == (tenant is not None):
+        raise _fail("give either --platform, or --tenant SLUG with --role admin|product")
+    if tenant is not None and role not in ("admin", "product"):
+        raise _fail("--role must be admin or product")
+
+    async def make(engine: AsyncEngine) -> dict[str, Any]:
+        async with create_sessionmaker(engine)() as session:
+            tenant_id = None
+            if tenant is not None:
+                tenant_id = (await get_tenant_by_slug(session, slug=tenant)).id
+            key_role = KeyRole.platform if platform else KeyRole(role)
+            issued = await create_key(session, tenant_id=tenant_id, role=key_role, name=name)
+            await session.commit()
+        return {"id": issued.row.id, "role": key_role.value, "tenant": tenant, "key": issued.secret}
+
+    _print(_run(make))
+
+
+@app.command("api")
+def api(
+    host: Annotated[str | None, typer.Option(help="bind address [TUNELOOP_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [TUNELOOP_PORT]")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP API with uvicorn (stateless: run as many as you like)."""
+    import uvicorn
+
+    settings: ApiSettings = _settings(ApiSettings, host=host, port=port)
+
+    async def nothing(_: AsyncEngine) -> None:
+        return None
+
+    _run(nothing, settings)  # migrate the embedded database / check a configured one
+    # Worker processes rebuild settings from the environment: pass the overrides on.
+    os.environ["TUNELOOP_HOST"], os.environ["TUNELOOP_PORT"] = settings.host, str(settings.port)
+    uvicorn.run("tuneloop.asgi:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=workers, log_level="info")
+
+
+@app.command("demo")
+def demo() -> None:
+    """Bring tuneloop up on the embedded defaults and run the main job end to end."""
+    from tuneloop.demo import run_demo
+
+    settings: ApiSettings = _settings(ApiSettings)
+    try:
+        run_demo(settings)
+    except (DomainError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:  # pragma: no cover - console entry
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    app()

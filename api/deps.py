@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,13 +46,17 @@ def get_settings(request: Request) -> ApiSettings:
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 
 
-async def require_platform(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_platform(
+    principal: Annotated[Principal, Security(get_principal, scopes=["platform"])],
+) -> Principal:
     if principal.role is not KeyRole.platform:
         raise PermissionDenied("this route needs a platform (operator) key")
     return principal
 
 
-async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+async def require_admin(
+    principal: Annotated[Principal, Security(get_principal, scopes=["admin"])],
+) -> str:
     """The tenant id of a tenant admin key."""
     if principal.role is KeyRole.platform:
         raise PermissionDenied(
@@ -65,7 +69,9 @@ async def require_admin(principal: Annotated[Principal, Depends(get_principal)])
     return principal.tenant_id
 
 
-async def require_product(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+async def require_product(
+    principal: Annotated[Principal, Security(get_principal, scopes=["product"])],
+) -> str:
     """The tenant id of a tenant product (or admin) key."""
     if principal.role is KeyRole.platform:
         raise PermissionDenied("this route needs a tenant key (product or admin)")

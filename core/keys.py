@@ -50,10 +50,11 @@ def _new_secret(role: KeyRole) -> tuple[str, str]:
 
 
 def _prefix_of(secret: str) -> str | None:
-    head, sep, tail = secret.rpartition("_")
-    if not sep or not head.startswith("tl_") or len(head) > 32 or not tail:
+    # The secret part is urlsafe base64 and may itself contain "_": split from the left.
+    parts = secret.split("_", 2)
+    if len(parts) != 3 or parts[0] != "tl" or not 2 <= len(parts[1]) <= 28 or not parts[2]:
         return None
-    return head
+    return f"tl_{parts[1]}"
 
 
 async def create_key(

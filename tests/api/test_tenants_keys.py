@@ -1,0 +1,115 @@
+"""Tenants (platform) and keys (tenant admin): creation, suspension, revocation, hashing."""
+
+from __future__ import annotations
+
+import secrets
+
+import httpx
+from sqlalchemy import select
+
+from core.db import create_sessionmaker
+from core.models import ApiKey
+from tests.conftest import Backend, TenantKeys
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_create_tenant_returns_keys_once(
+    client: httpx.AsyncClient, platform_key: str, backend: Backend
+) -> None:
+    r = await client.post("/v1/tenants", headers=bearer(platform_key),
+                          json={"slug": f"acme-{secrets.token_hex(4)}", "name": "Acme"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["tenant"]["name"] == "Acme" and body["tenant"]["status"] == "active"
+    admin, product = body["admin_key"], body["product_key"]
+    assert admin["role"] == "admin" and product["role"] == "product"
+    assert admin["key"].startswith(admin["prefix"] + "_")
+    # The secret works, and it is stored nowhere: only its prefix and a hash.
+    r = await client.get("/v1/keys", headers=bearer(admin["key"]))
+    assert r.status_code == 200 and admin["key"] not in r.text and '"key":' not in r.text
+    async with create_sessionmaker(backend.engine)() as s:
+        rows = list(await s.scalars(select(ApiKey).where(ApiKey.tenant_id == body["tenant"]["id"])))
+    assert len(rows) == 2
+    for row in rows:
+        for value in vars(row).values():
+            assert admin["key"] not in str(value) and product["key"] not in str(value)
+
+
+async def test_slug_rules(client: httpx.AsyncClient, platform_key: str, tenant: TenantKeys) -> None:
+    r = await client.post("/v1/tenants", headers=bearer(platform_key), json={"slug": tenant.slug})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "slug_taken"
+    for bad in ("Upper", "-dash", "a_b", "x" * 64, "", "sp ace"):
+        r = await client.post("/v1/tenants", headers=bearer(platform_key), json={"slug": bad})
+        assert r.status_code == 422, bad
+        assert "slug" in r.json()["error"]["message"]
+
+
+async def test_list_get_patch_tenants(
+    client: httpx.AsyncClient, platform_key: str, make_tenant  # type: ignore[no-untyped-def]
+) -> None:
+    made = {(await make_tenant()).id for _ in range(3)}
+    seen: set[str] = set()
+    cursor = None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get("/v1/tenants", headers=bearer(platform_key), params=params)).json()
+        seen |= {t["id"] for t in page["data"]}
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert made <= seen
+    one = next(iter(made))
+    r = await client.patch(f"/v1/tenants/{one}", headers=bearer(platform_key),
+                           json={"name": "Renamed"})
+    assert r.status_code == 200 and r.json()["name"] == "Renamed"
+    r = await client.get(f"/v1/tenants/{one}", headers=bearer(platform_key))
+    assert r.json()["name"] == "Renamed"
+    r = await client.patch(f"/v1/tenants/{one}", headers=bearer(platform_key),
+                           json={"status": "deleted"})
+    assert r.status_code == 422
+
+
+async def test_suspended_tenant_is_refused_until_reactivated(
+    client: httpx.AsyncClient, platform_key: str, tenant: TenantKeys
+) -> None:
+    fb = {"prompt": "p", "completion": "c", "rating": "up"}
+    r = await client.patch(f"/v1/tenants/{tenant.id}", headers=bearer(platform_key),
+                           json={"status": "suspended"})
+    assert r.status_code == 200 and r.json()["status"] == "suspended"
+    r = await client.post("/v1/feedback", headers=tenant.auth(), json=fb)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "tenant_suspended"
+    await client.patch(f"/v1/tenants/{tenant.id}", headers=bearer(platform_key),
+                       json={"status": "active"})
+    assert (await client.post("/v1/feedback", headers=tenant.auth(), json=fb)).status_code == 201
+
+
+async def test_key_lifecycle(client: httpx.AsyncClient, tenant: TenantKeys) -> None:
+    r = await client.post("/v1/keys", headers=tenant.auth("admin"),
+                          json={"role": "product", "name": "mobile app"})
+    assert r.status_code == 201
+    new = r.json()
+    fb = {"prompt": "p", "completion": "c", "rating": "up"}
+    assert (await client.post("/v1/feedback", headers=bearer(new["key"]), json=fb)).status_code == 201
+    listed = (await client.get("/v1/keys", headers=tenant.auth("admin"))).json()["data"]
+    assert {k["id"] for k in listed} == {tenant.admin_key_id, tenant.product_key_id, new["id"]}
+    r = await client.delete(f"/v1/keys/{new['id']}", headers=tenant.auth("admin"))
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None
+    r = await client.post("/v1/feedback", headers=bearer(new["key"]), json=fb)
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    # Revoking twice is harmless; the last admin key cannot be revoked.
+    assert (await client.delete(f"/v1/keys/{new['id']}",
+                                headers=tenant.auth("admin"))).status_code == 200
+    r = await client.delete(f"/v1/keys/{tenant.admin_key_id}", headers=tenant.auth("admin"))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "last_admin_key"
+    r = await client.post("/v1/keys", headers=tenant.auth("admin"), json={"role": "platform"})
+    assert r.status_code == 422
+
+
+async def test_health(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    r = await client.get("/v1/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

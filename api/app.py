@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import error_response, install_error_handlers
 from api.routers import feedback, health, keys, tenants
 from core.db import create_engine, create_sessionmaker
+from core.keys import PrincipalCache
 from core.settings import ApiSettings
 
 
@@ -48,7 +49,8 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
-            413, "payload_too_large",
+            413,
+            "payload_too_large",
             f"request body is larger than {self.max_bytes} bytes; send smaller batches",
         )
         await response(scope, receive, send)
@@ -79,6 +81,7 @@ def create_app(settings: ApiSettings, *, engine: AsyncEngine | None = None) -> F
     app.state.settings = settings
     app.state.engine = db
     app.state.sessionmaker = create_sessionmaker(db)
+    app.state.principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
     install_error_handlers(app)
     for module in (health, tenants, keys, feedback):
         app.include_router(module.router)

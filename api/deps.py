@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import PermissionDenied, Unauthenticated
-from core.keys import Principal, authenticate
+from core.keys import Principal, PrincipalCache, authenticate
 from core.models import KeyRole
 from core.settings import ApiSettings
 
@@ -30,12 +30,26 @@ _bearer = HTTPBearer(auto_error=False, description="A tuneloop API key: `tl_...`
 
 
 async def get_principal(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer tl_...'")
-    return await authenticate(session, credentials.credentials)
+    cache: PrincipalCache = request.app.state.principal_cache
+    principal = cache.get(credentials.credentials)
+    if principal is None:
+        async with request.app.state.sessionmaker() as session:
+            principal = await authenticate(session, credentials.credentials)
+        cache.put(credentials.credentials, principal)
+    return principal
+
+
+def get_principal_cache(request: Request) -> PrincipalCache:
+    cache: PrincipalCache = request.app.state.principal_cache
+    return cache
+
+
+PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
 
 
 def get_settings(request: Request) -> ApiSettings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,12 +28,16 @@ _HTTP_CODES = {
 
 
 def error_response(
-    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[str, int | None]:
@@ -97,7 +102,9 @@ async def _on_database_down(_: Request, exc: Exception) -> JSONResponse:
     # A lost connection is the client's cue to retry; nothing was acknowledged.
     log.warning("database unavailable: %s", exc)
     return error_response(
-        503, "unavailable", "the database is unavailable; nothing was stored, retry shortly",
+        503,
+        "unavailable",
+        "the database is unavailable; nothing was stored, retry shortly",
         headers={"Retry-After": "1"},
     )
 

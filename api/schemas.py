@@ -84,8 +84,14 @@ class KeyOut(BaseModel):
 
     @classmethod
     def of(cls, k: ApiKey) -> KeyOut:
-        return cls(id=k.id, role=k.role.value, name=k.name, prefix=k.prefix,
-                   created_at=k.created_at, revoked_at=k.revoked_at)
+        return cls(
+            id=k.id,
+            role=k.role.value,
+            name=k.name,
+            prefix=k.prefix,
+            created_at=k.created_at,
+            revoked_at=k.revoked_at,
+        )
 
 
 class KeyCreated(KeyOut):
@@ -174,7 +180,8 @@ class FeedbackItem(BaseModel):
             rating=self.rating,
             interaction_id=self.interaction_id,
             messages=[m.model_dump(exclude_none=True) for m in self.messages]
-            if self.messages is not None else None,
+            if self.messages is not None
+            else None,
             prompt=self.prompt,
             completion=self.completion,
             score=self.score,
@@ -219,22 +226,38 @@ class FeedbackOut(BaseModel):
 
     @classmethod
     def of_row(cls, row: dict[str, Any]) -> FeedbackOut:
-        return cls(**{k: v for k, v in row.items() if k not in ("tenant_id", "meta")},
-                   metadata=row.get("meta"))
+        return cls(**{k: v for k, v in row.items() if k != "tenant_id"})
 
     @classmethod
     def of(cls, fb: Feedback) -> FeedbackOut:
         return cls(
-            id=fb.id, interaction_id=fb.interaction_id, rating=fb.rating, messages=fb.messages,
-            prompt=fb.prompt, completion=fb.completion, score=fb.score, comment=fb.comment,
-            correction=fb.correction, user_id=fb.user_id, idempotency_key=fb.idempotency_key,
-            metadata=fb.meta, created_at=fb.created_at,
+            id=fb.id,
+            interaction_id=fb.interaction_id,
+            rating=fb.rating,
+            messages=fb.messages,
+            prompt=fb.prompt,
+            completion=fb.completion,
+            score=fb.score,
+            comment=fb.comment,
+            correction=fb.correction,
+            user_id=fb.user_id,
+            idempotency_key=fb.idempotency_key,
+            metadata=fb.meta,
+            created_at=fb.created_at,
         )
+
+
+class FeedbackAck(BaseModel):
+    """One item of a batch: its id, and whether this request stored it or found it stored."""
+
+    id: str
+    idempotency_key: str | None
+    status: Literal["created", "replayed"]
 
 
 class FeedbackBatchOut(BaseModel):
     object: Literal["list"] = "list"
-    data: list[FeedbackOut]
+    data: list[FeedbackAck] = Field(description="one entry per item, in request order")
     created: int = Field(description="items stored by this request")
     replayed: int = Field(description="items whose idempotency_key was already stored")
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from core.settings import Settings
 
@@ -20,9 +25,13 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC", "application_name": "tuneloop"}}
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 10)
-    kwargs.setdefault("pool_pre_ping", True)
+    # A pool big enough for the API's concurrency: overflow connections are closed on return,
+    # and reconnecting under load (TLS negotiation included) costs more than waiting.
+    kwargs.setdefault("pool_size", 20)
+    kwargs.setdefault("max_overflow", 5)
+    # No pre-ping: it costs a round trip per checkout; a dropped connection surfaces as a 503
+    # (the client retries) and the pool replaces it.
+    kwargs.setdefault("pool_recycle", 1800)
     return create_async_engine(url, connect_args=connect_args, **kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -64,7 +65,9 @@ async def create_key(
     if (role is KeyRole.platform) != (tenant_id is None):
         raise InvalidInput("platform keys have no tenant; admin and product keys need one")
     prefix, secret = _new_secret(role)
-    row = ApiKey(tenant_id=tenant_id, role=role, name=name, prefix=prefix, key_hash=hash_key(secret))
+    row = ApiKey(
+        tenant_id=tenant_id, role=role, name=name, prefix=prefix, key_hash=hash_key(secret)
+    )
     session.add(row)
     await session.flush()
     return IssuedKey(row=row, secret=secret)
@@ -77,8 +80,14 @@ async def authenticate(session: AsyncSession, secret: str) -> Principal:
         raise Unauthenticated("malformed API key: expected 'Authorization: Bearer tl_...'")
     row = (
         await session.execute(
-            select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, ApiKey.key_hash, ApiKey.revoked_at,
-                   Tenant.status)
+            select(
+                ApiKey.id,
+                ApiKey.role,
+                ApiKey.tenant_id,
+                ApiKey.key_hash,
+                ApiKey.revoked_at,
+                Tenant.status,
+            )
             .outerjoin(Tenant, Tenant.id == ApiKey.tenant_id)
             .where(ApiKey.prefix == prefix)
         )
@@ -112,7 +121,9 @@ async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> A
         return key
     if key.role is KeyRole.admin:
         admins = await session.scalar(
-            select(func.count()).select_from(ApiKey).where(
+            select(func.count())
+            .select_from(ApiKey)
+            .where(
                 ApiKey.tenant_id == tenant_id,
                 ApiKey.role == KeyRole.admin,
                 ApiKey.revoked_at.is_(None),
@@ -128,3 +139,45 @@ async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> A
     )
     await session.refresh(key)
     return key
+
+
+class PrincipalCache:
+    """A short-lived, per-process memo of authenticated keys.
+
+    Authentication is a database round trip on every request; on the ingest path that doubles the
+    cost of a feedback POST. Entries live ``ttl`` seconds. This process drops them at once when it
+    revokes a key or suspends a tenant; other API processes notice within ``ttl``.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, secret: str) -> Principal | None:
+        if self.ttl <= 0:
+            return None
+        hit = self._entries.get(hash_key(secret))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, secret: str, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            now = time.monotonic()
+            self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        self._entries[hash_key(secret)] = (time.monotonic() + self.ttl, principal)
+
+    def forget(self, *, key_id: str | None = None, tenant_id: str | None = None) -> None:
+        self._entries = {
+            k: v
+            for k, v in self._entries.items()
+            if not (
+                (key_id is not None and v[1].key_id == key_id)
+                or (tenant_id is not None and v[1].tenant_id == tenant_id)
+            )
+        }

@@ -104,3 +104,11 @@ class ApiSettings(Settings):
     )
     max_body_bytes: int = 16 * 1024 * 1024
     """Requests with a larger body are refused with 413 before they are parsed."""
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        validation_alias=AliasChoices("TUNELOOP_AUTH_CACHE_SECONDS", "auth_cache_seconds"),
+    )
+    """How long a process may reuse a key check. Revocation and suspension take effect at once
+    in the process that makes them and within this many seconds in the others; 0 disables."""

@@ -122,7 +122,10 @@ def keys_create(
     platform: Annotated[bool, typer.Option("--platform", help="an operator key")] = False,
     name: Annotated[str, typer.Option(help="a label for the key")] = "",
 ) -> None:
-    """Create one key and print it as JSON: ``--tenant SLUG --role admin|product`` or ``--platform``."""
+    """Create one key and print it as JSON.
+
+    ``--tenant SLUG --role admin|product`` for a tenant key, ``--platform`` for an operator key.
+    """
     from core.keys import create_key
     from core.models import KeyRole
     from core.tenants import get_tenant_by_slug
@@ -137,7 +140,7 @@ def keys_create(
             tenant_id = None
             if tenant is not None:
                 tenant_id = (await get_tenant_by_slug(session, slug=tenant)).id
-            key_role = KeyRole.platform if platform else KeyRole(role)
+            key_role = KeyRole.platform if platform else KeyRole(str(role))
             issued = await create_key(session, tenant_id=tenant_id, role=key_role, name=name)
             await session.commit()
         return {"id": issued.row.id, "role": key_role.value, "tenant": tenant, "key": issued.secret}
@@ -162,8 +165,14 @@ def api(
     _run(nothing, settings)  # migrate the embedded database / check a configured one
     # Worker processes rebuild settings from the environment: pass the overrides on.
     os.environ["TUNELOOP_HOST"], os.environ["TUNELOOP_PORT"] = settings.host, str(settings.port)
-    uvicorn.run("tuneloop.asgi:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=workers, log_level="info")
+    uvicorn.run(
+        "tuneloop.asgi:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level="info",
+    )
 
 
 @app.command("demo")

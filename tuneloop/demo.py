@@ -57,13 +57,15 @@ def sample_feedback(n: int, *, seed: int = 7) -> list[dict[str, Any]]:
         long = rng.random() < 0.5
         topic = prompt.split()[-1].rstrip("?")
         likes = (not long) if rng.random() < 0.8 else long
-        items.append({
-            "prompt": prompt,
-            "completion": (LONG if long else SHORT).format(topic=topic),
-            "rating": "up" if likes else "down",
-            "user_id": f"user-{rng.randrange(40)}",
-            "idempotency_key": f"demo-{seed}-{i}",
-        })
+        items.append(
+            {
+                "prompt": prompt,
+                "completion": (LONG if long else SHORT).format(topic=topic),
+                "rating": "up" if likes else "down",
+                "user_id": f"user-{rng.randrange(40)}",
+                "idempotency_key": f"demo-{seed}-{i}",
+            }
+        )
     return items
 
 
@@ -76,8 +78,9 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
 
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=port,
-                       log_level="warning")
+        uvicorn.Config(
+            create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -90,8 +93,11 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
     try:
         async with httpx.AsyncClient(base_url=base, timeout=60) as http:
             slug = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-            r = await http.post("/v1/tenants", json={"slug": slug, "name": "Demo Inc."},
-                                headers={"Authorization": f"Bearer {operator.secret}"})
+            r = await http.post(
+                "/v1/tenants",
+                json={"slug": slug, "name": "Demo Inc."},
+                headers={"Authorization": f"Bearer {operator.secret}"},
+            )
             r.raise_for_status()
             created = r.json()
             product = {"Authorization": f"Bearer {created['product_key']['key']}"}
@@ -103,15 +109,18 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
             r = await http.post("/v1/feedback", json={"items": items}, headers=product)
             r.raise_for_status()
             took = time.perf_counter() - started
-            console.print(f"posted {len(items)} feedback items in one batch: "
-                          f"{r.json()['created']} stored in {took * 1000:.0f} ms")
+            console.print(
+                f"posted {len(items)} feedback items in one batch: "
+                f"{r.json()['created']} stored in {took * 1000:.0f} ms"
+            )
             r = await http.post("/v1/feedback", json={"items": items}, headers=product)
             r.raise_for_status()
-            console.print(f"posted the same batch again (a client retry): {r.json()['created']} "
-                          f"stored, {r.json()['replayed']} recognised as already stored")
+            console.print(
+                f"posted the same batch again (a client retry): {r.json()['created']} "
+                f"stored, {r.json()['replayed']} recognised as already stored"
+            )
 
-            stats = (await http.get("/v1/feedback/stats", params={"days": 7},
-                                    headers=admin)).json()
+            stats = (await http.get("/v1/feedback/stats", params={"days": 7}, headers=admin)).json()
     finally:
         server.should_exit = True
         await serving
@@ -125,9 +134,10 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
         table.add_row(day["date"], str(day["total"]), str(day["up"]), str(day["down"]), rate)
     console.print(table)
     console.print(f"total {stats['total']}, up-rate {stats['up_rate']:.0%}")
-    console.print("next: `tuneloop api` serves the API; keys come from "
-                  "`tuneloop tenants create SLUG`")
+    console.print(
+        "next: `tuneloop api` serves the API; keys come from `tuneloop tenants create SLUG`"
+    )
 
 
 def run_demo(settings: ApiSettings) -> None:
-    asyncio.run(_demo(settings, Console()))
+    asyncio.run(_demo(settings, Console(soft_wrap=True)))

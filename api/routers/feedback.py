@@ -10,6 +10,7 @@ from api.deps import AdminTenantDep, ProductTenantDep, SessionDep
 from api.schemas import (
     MAX_BATCH,
     DayStatsOut,
+    FeedbackAck,
     FeedbackBatch,
     FeedbackBatchOut,
     FeedbackBody,
@@ -31,7 +32,9 @@ router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
     },
 )
 async def post_feedback(
-    body: Annotated[FeedbackBody, Body(description=f"one item, or {{items: [...]}} (1-{MAX_BATCH})")],
+    body: Annotated[
+        FeedbackBody, Body(description=f"one item, or {{items: [...]}} (1-{MAX_BATCH})")
+    ],
     response: Response,
     session: SessionDep,
     tenant_id: ProductTenantDep,
@@ -47,7 +50,14 @@ async def post_feedback(
         response.status_code = status.HTTP_200_OK
     if isinstance(body, FeedbackBatch):
         return FeedbackBatchOut(
-            data=[FeedbackOut.of_row(s.row) for s in stored],
+            data=[
+                FeedbackAck(
+                    id=s.row["id"],
+                    idempotency_key=s.row["idempotency_key"],
+                    status="created" if s.created else "replayed",
+                )
+                for s in stored
+            ],
             created=created,
             replayed=len(stored) - created,
         )
@@ -59,7 +69,9 @@ async def list_feedback(
     session: SessionDep,
     tenant_id: AdminTenantDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=40, description="next_cursor of the last page")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=40, description="next_cursor of the last page")
+    ] = None,
     rating: Literal["up", "down"] | None = None,
     user_id: Annotated[str | None, Query(max_length=256)] = None,
 ) -> ListOf[FeedbackOut]:
@@ -73,7 +85,9 @@ async def list_feedback(
         user_id=user_id,
     )
     return ListOf[FeedbackOut](
-        data=[FeedbackOut.of(f) for f in page], next_cursor=next_cursor, has_more=next_cursor is not None
+        data=[FeedbackOut.of(f) for f in page],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
     )
 
 
@@ -86,6 +100,9 @@ async def feedback_stats(
     """Counts and up-rate overall and per UTC day (oldest first)."""
     total, series = await feedback.feedback_stats(session, tenant_id=tenant_id, days=days)
     return FeedbackStatsOut(
-        total=total.total, up=total.up, down=total.down, up_rate=total.up_rate,
+        total=total.total,
+        up=total.up,
+        down=total.down,
+        up_rate=total.up_rate,
         days=[DayStatsOut.of(d) for d in series],
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import AdminTenantDep, SessionDep
+from api.deps import AdminTenantDep, PrincipalCacheDep, SessionDep
 from api.schemas import KeyCreate, KeyCreated, KeyOut, ListOf
 from core import keys
 from core.models import KeyRole
@@ -24,12 +24,17 @@ async def create_key(body: KeyCreate, session: SessionDep, tenant_id: AdminTenan
 
 @router.get("")
 async def list_keys(session: SessionDep, tenant_id: AdminTenantDep) -> ListOf[KeyOut]:
-    return ListOf[KeyOut](data=[KeyOut.of(k) for k in await keys.list_keys(session, tenant_id=tenant_id)])
+    return ListOf[KeyOut](
+        data=[KeyOut.of(k) for k in await keys.list_keys(session, tenant_id=tenant_id)]
+    )
 
 
 @router.delete("/{key_id}")
-async def revoke_key(key_id: str, session: SessionDep, tenant_id: AdminTenantDep) -> KeyOut:
+async def revoke_key(
+    key_id: str, session: SessionDep, tenant_id: AdminTenantDep, cache: PrincipalCacheDep
+) -> KeyOut:
     """Revoke a key at once. The tenant's last active admin key cannot be revoked."""
     key = await keys.revoke_key(session, tenant_id=tenant_id, key_id=key_id)
     await session.commit()
+    cache.forget(key_id=key.id)
     return KeyOut.of(key)

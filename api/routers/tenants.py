@@ -6,8 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import PlatformDep, SessionDep
-from api.schemas import KeyCreated, KeyOut, ListOf, TenantCreate, TenantCreated, TenantOut, TenantPatch
+from api.deps import PlatformDep, PrincipalCacheDep, SessionDep
+from api.schemas import (
+    KeyCreated,
+    KeyOut,
+    ListOf,
+    TenantCreate,
+    TenantCreated,
+    TenantOut,
+    TenantPatch,
+)
 from core import tenants
 from core.keys import IssuedKey
 
@@ -53,10 +61,15 @@ async def get_tenant(tenant_id: str, session: SessionDep, _: PlatformDep) -> Ten
 
 @router.patch("/{tenant_id}")
 async def update_tenant(
-    tenant_id: str, body: TenantPatch, session: SessionDep, _: PlatformDep
+    tenant_id: str,
+    body: TenantPatch,
+    session: SessionDep,
+    _: PlatformDep,
+    cache: PrincipalCacheDep,
 ) -> TenantOut:
     """Rename, suspend (``status: suspended``) or reactivate a tenant."""
     tenant = await tenants.update_tenant(
         session, tenant_id=tenant_id, name=body.name, status=body.status
     )
+    cache.forget(tenant_id=tenant.id)
     return TenantOut.of(tenant)

@@ -48,7 +48,9 @@ def _fill(path: str, ids: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", sub, path)
 
 
-async def _call(client: httpx.AsyncClient, method: str, url: str, key: str | None) -> httpx.Response:
+async def _call(
+    client: httpx.AsyncClient, method: str, url: str, key: str | None
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     # An empty JSON object: a body that gets as far as authorization, never a valid write.
     body: Any = {} if method in ("POST", "PUT", "PATCH") else None
@@ -57,14 +59,19 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, key: str | Non
 
 @pytest.mark.parametrize(("method", "path", "role"), PROTECTED, ids=lambda v: str(v))
 async def test_unauthenticated_and_wrong_role(
-    client: httpx.AsyncClient, make_tenant, platform_key: str,  # type: ignore[no-untyped-def]
-    method: str, path: str, role: str,
+    client: httpx.AsyncClient,
+    make_tenant,
+    platform_key: str,  # type: ignore[no-untyped-def]
+    method: str,
+    path: str,
+    role: str,
 ) -> None:
     a: TenantKeys = await make_tenant()
     ids = {"tenant_id": a.id, "key_id": a.product_key_id}
     url = _fill(path, ids)
-    revoked = (await client.post("/v1/keys", headers=a.auth("admin"),
-                                 json={"role": "admin"})).json()
+    revoked = (
+        await client.post("/v1/keys", headers=a.auth("admin"), json={"role": "admin"})
+    ).json()
     await client.delete(f"/v1/keys/{revoked['id']}", headers=a.auth("admin"))
 
     for key in (None, "", "tl_nope", "tl_p0000000000_" + "x" * 43, "Basic abc", revoked["key"]):
@@ -84,12 +91,16 @@ async def test_unauthenticated_and_wrong_role(
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "role"), [r for r in PROTECTED if "{" in r[1] and r[2] != "platform"],
+    ("method", "path", "role"),
+    [r for r in PROTECTED if "{" in r[1] and r[2] != "platform"],
     ids=lambda v: str(v),
 )
 async def test_other_tenants_objects_are_not_found(
-    client: httpx.AsyncClient, make_tenant,  # type: ignore[no-untyped-def]
-    method: str, path: str, role: str,
+    client: httpx.AsyncClient,
+    make_tenant,  # type: ignore[no-untyped-def]
+    method: str,
+    path: str,
+    role: str,
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
     url = _fill(path, {"tenant_id": a.id, "key_id": a.product_key_id})
@@ -107,12 +118,23 @@ async def test_other_tenants_objects_are_not_found(
     ids=lambda v: str(v),
 )
 async def test_lists_never_show_another_tenants_data(
-    client: httpx.AsyncClient, make_tenant,  # type: ignore[no-untyped-def]
-    method: str, path: str, role: str,
+    client: httpx.AsyncClient,
+    make_tenant,  # type: ignore[no-untyped-def]
+    method: str,
+    path: str,
+    role: str,
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
-    r = await client.post("/v1/feedback", headers=a.auth(), json={
-        "prompt": "secret prompt of A", "completion": "c", "rating": "up", "user_id": "alice"})
+    r = await client.post(
+        "/v1/feedback",
+        headers=a.auth(),
+        json={
+            "prompt": "secret prompt of A",
+            "completion": "c",
+            "rating": "up",
+            "user_id": "alice",
+        },
+    )
     fb = r.json()["id"]
     r = await client.get(path, headers={"Authorization": f"Bearer {b.admin}"})
     assert r.status_code == 200, r.text

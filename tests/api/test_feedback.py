@@ -18,15 +18,20 @@ def inline(i: int = 0, **extra: object) -> dict[str, object]:
 
 async def count_feedback(backend: Backend, tenant_id: str) -> int:
     async with create_sessionmaker(backend.engine)() as s:
-        n = await s.scalar(select(func.count()).select_from(Feedback).where(
-            Feedback.tenant_id == tenant_id))
+        n = await s.scalar(
+            select(func.count()).select_from(Feedback).where(Feedback.tenant_id == tenant_id)
+        )
     return int(n or 0)
 
 
 async def add_interaction(backend: Backend, tenant_id: str) -> str:
     async with create_sessionmaker(backend.engine)() as s:
-        row = Interaction(tenant_id=tenant_id, model="base",
-                          messages=[{"role": "user", "content": "hi"}], completion="hello")
+        row = Interaction(
+            tenant_id=tenant_id,
+            model="base",
+            messages=[{"role": "user", "content": "hi"}],
+            completion="hello",
+        )
         s.add(row)
         await s.commit()
         return row.id
@@ -35,9 +40,19 @@ async def add_interaction(backend: Backend, tenant_id: str) -> str:
 async def test_single_item_is_stored_and_returned(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
-    r = await client.post("/v1/feedback", headers=tenant.auth(), json=inline(
-        1, rating=-1, comment="too long", correction="shorter", user_id="u1",
-        metadata={"screen": "chat"}, score=0.25))
+    r = await client.post(
+        "/v1/feedback",
+        headers=tenant.auth(),
+        json=inline(
+            1,
+            rating=-1,
+            comment="too long",
+            correction="shorter",
+            user_id="u1",
+            metadata={"screen": "chat"},
+            score=0.25,
+        ),
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["id"].startswith("fb_") and body["rating"] == -1
@@ -60,12 +75,18 @@ async def test_messages_and_interaction_sources(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    r = await client.post("/v1/feedback", headers=tenant.auth(),
-                          json={"messages": msgs, "completion": "hello", "rating": "up"})
+    r = await client.post(
+        "/v1/feedback",
+        headers=tenant.auth(),
+        json={"messages": msgs, "completion": "hello", "rating": "up"},
+    )
     assert r.status_code == 201 and r.json()["messages"] == msgs
     interaction = await add_interaction(backend, tenant.id)
-    r = await client.post("/v1/feedback", headers=tenant.auth(),
-                          json={"interaction_id": interaction, "rating": "down"})
+    r = await client.post(
+        "/v1/feedback",
+        headers=tenant.auth(),
+        json={"interaction_id": interaction, "rating": "down"},
+    )
     assert r.status_code == 201 and r.json()["interaction_id"] == interaction
 
 
@@ -73,11 +94,20 @@ async def test_source_rules(client: httpx.AsyncClient, tenant: TenantKeys) -> No
     cases = [
         ({"rating": "up"}, "interaction_id"),
         ({"prompt": "p", "rating": "up"}, "completion"),
-        ({"prompt": "p", "messages": [{"role": "user", "content": "x"}], "completion": "c",
-          "rating": "up"}, "not both"),
+        (
+            {
+                "prompt": "p",
+                "messages": [{"role": "user", "content": "x"}],
+                "completion": "c",
+                "rating": "up",
+            },
+            "not both",
+        ),
         ({"interaction_id": "int_x", "completion": "c", "rating": "up"}, "not both"),
-        ({"messages": [{"role": "robot", "content": "x"}], "completion": "c", "rating": "up"},
-         "role"),
+        (
+            {"messages": [{"role": "robot", "content": "x"}], "completion": "c", "rating": "up"},
+            "role",
+        ),
         ({**inline(), "ratting": "up"}, "ratting"),
     ]
     for body, hint in cases:
@@ -89,13 +119,16 @@ async def test_source_rules(client: httpx.AsyncClient, tenant: TenantKeys) -> No
 
 
 async def test_unknown_and_foreign_interactions_are_refused(
-    client: httpx.AsyncClient, make_tenant, backend: Backend  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient,
+    make_tenant,
+    backend: Backend,  # type: ignore[no-untyped-def]
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
     foreign = await add_interaction(backend, a.id)
     for interaction in ("int_doesnotexist", foreign):
-        r = await client.post("/v1/feedback", headers=b.auth(),
-                              json={"interaction_id": interaction, "rating": "up"})
+        r = await client.post(
+            "/v1/feedback", headers=b.auth(), json={"interaction_id": interaction, "rating": "up"}
+        )
         assert r.status_code == 422
         err = r.json()["error"]
         assert err["code"] == "unknown_interaction"
@@ -106,17 +139,21 @@ async def test_unknown_and_foreign_interactions_are_refused(
 async def test_idempotent_retry_returns_the_original(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
-    first = await client.post("/v1/feedback", headers=tenant.auth(),
-                              json=inline(idempotency_key="k-1"))
-    again = await client.post("/v1/feedback", headers=tenant.auth(),
-                              json=inline(idempotency_key="k-1", rating="down"))
+    first = await client.post(
+        "/v1/feedback", headers=tenant.auth(), json=inline(idempotency_key="k-1")
+    )
+    again = await client.post(
+        "/v1/feedback", headers=tenant.auth(), json=inline(idempotency_key="k-1", rating="down")
+    )
     assert first.status_code == 201 and again.status_code == 200
     assert again.json() == first.json()
     assert await count_feedback(backend, tenant.id) == 1
 
 
 async def test_same_idempotency_key_in_two_tenants_is_two_records(
-    client: httpx.AsyncClient, make_tenant, backend: Backend  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient,
+    make_tenant,
+    backend: Backend,  # type: ignore[no-untyped-def]
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
     ra = await client.post("/v1/feedback", headers=a.auth(), json=inline(idempotency_key="same"))
@@ -128,13 +165,17 @@ async def test_same_idempotency_key_in_two_tenants_is_two_records(
 async def test_batch_stores_all_and_reports_replays(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
-    await client.post("/v1/feedback", headers=tenant.auth(), json=inline(idempotency_key="b-3"))
+    first = await client.post(
+        "/v1/feedback", headers=tenant.auth(), json=inline(idempotency_key="b-3")
+    )
     items = [inline(i, idempotency_key=f"b-{i}") for i in range(10)]
     r = await client.post("/v1/feedback", headers=tenant.auth(), json={"items": items})
     assert r.status_code == 201, r.text
     body = r.json()
     assert (body["created"], body["replayed"]) == (9, 1)
     assert [d["idempotency_key"] for d in body["data"]] == [f"b-{i}" for i in range(10)]
+    assert [d["status"] for d in body["data"]].count("replayed") == 1
+    assert body["data"][3]["id"] == first.json()["id"]
     assert await count_feedback(backend, tenant.id) == 10
     r = await client.post("/v1/feedback", headers=tenant.auth(), json={"items": items})
     assert r.status_code == 200 and r.json()["created"] == 0
@@ -171,8 +212,9 @@ async def test_limits(client: httpx.AsyncClient, tenant: TenantKeys, backend: Ba
         r = await client.post("/v1/feedback", headers=tenant.auth(), json=body)
         assert r.status_code == 422, r.text[:200]
         assert r.json()["error"]["message"]
-    ok = await client.post("/v1/feedback", headers=tenant.auth(),
-                           json={"items": [inline(i) for i in range(1000)]})
+    ok = await client.post(
+        "/v1/feedback", headers=tenant.auth(), json={"items": [inline(i) for i in range(1000)]}
+    )
     assert ok.status_code == 201 and ok.json()["created"] == 1000
     assert await count_feedback(backend, tenant.id) == 1000
 
@@ -207,8 +249,11 @@ async def test_list_pages_newest_first_with_filters(
         if cursor is None:
             break
     assert len(seen) == 25 == len(set(seen)) and seen == sorted(seen, reverse=True)
-    r = await client.get("/v1/feedback", headers=tenant.auth("admin"),
-                         params={"rating": "down", "user_id": "u0", "limit": 100})
+    r = await client.get(
+        "/v1/feedback",
+        headers=tenant.auth("admin"),
+        params={"rating": "down", "user_id": "u0", "limit": 100},
+    )
     want = [i for i in range(25) if i % 3 == 0 and i % 2 == 0]
     assert sorted(d["prompt"] for d in r.json()["data"]) == sorted(f"question {i}?" for i in want)
     r = await client.get("/v1/feedback", headers=tenant.auth("admin"), params={"limit": 0})

@@ -19,8 +19,11 @@ def bearer(key: str) -> dict[str, str]:
 async def test_create_tenant_returns_keys_once(
     client: httpx.AsyncClient, platform_key: str, backend: Backend
 ) -> None:
-    r = await client.post("/v1/tenants", headers=bearer(platform_key),
-                          json={"slug": f"acme-{secrets.token_hex(4)}", "name": "Acme"})
+    r = await client.post(
+        "/v1/tenants",
+        headers=bearer(platform_key),
+        json={"slug": f"acme-{secrets.token_hex(4)}", "name": "Acme"},
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["tenant"]["name"] == "Acme" and body["tenant"]["status"] == "active"
@@ -48,7 +51,9 @@ async def test_slug_rules(client: httpx.AsyncClient, platform_key: str, tenant: 
 
 
 async def test_list_get_patch_tenants(
-    client: httpx.AsyncClient, platform_key: str, make_tenant  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient,
+    platform_key: str,
+    make_tenant,  # type: ignore[no-untyped-def]
 ) -> None:
     made = {(await make_tenant()).id for _ in range(3)}
     seen: set[str] = set()
@@ -62,13 +67,15 @@ async def test_list_get_patch_tenants(
             break
     assert made <= seen
     one = next(iter(made))
-    r = await client.patch(f"/v1/tenants/{one}", headers=bearer(platform_key),
-                           json={"name": "Renamed"})
+    r = await client.patch(
+        f"/v1/tenants/{one}", headers=bearer(platform_key), json={"name": "Renamed"}
+    )
     assert r.status_code == 200 and r.json()["name"] == "Renamed"
     r = await client.get(f"/v1/tenants/{one}", headers=bearer(platform_key))
     assert r.json()["name"] == "Renamed"
-    r = await client.patch(f"/v1/tenants/{one}", headers=bearer(platform_key),
-                           json={"status": "deleted"})
+    r = await client.patch(
+        f"/v1/tenants/{one}", headers=bearer(platform_key), json={"status": "deleted"}
+    )
     assert r.status_code == 422
 
 
@@ -76,23 +83,28 @@ async def test_suspended_tenant_is_refused_until_reactivated(
     client: httpx.AsyncClient, platform_key: str, tenant: TenantKeys
 ) -> None:
     fb = {"prompt": "p", "completion": "c", "rating": "up"}
-    r = await client.patch(f"/v1/tenants/{tenant.id}", headers=bearer(platform_key),
-                           json={"status": "suspended"})
+    r = await client.patch(
+        f"/v1/tenants/{tenant.id}", headers=bearer(platform_key), json={"status": "suspended"}
+    )
     assert r.status_code == 200 and r.json()["status"] == "suspended"
     r = await client.post("/v1/feedback", headers=tenant.auth(), json=fb)
     assert r.status_code == 403 and r.json()["error"]["code"] == "tenant_suspended"
-    await client.patch(f"/v1/tenants/{tenant.id}", headers=bearer(platform_key),
-                       json={"status": "active"})
+    await client.patch(
+        f"/v1/tenants/{tenant.id}", headers=bearer(platform_key), json={"status": "active"}
+    )
     assert (await client.post("/v1/feedback", headers=tenant.auth(), json=fb)).status_code == 201
 
 
 async def test_key_lifecycle(client: httpx.AsyncClient, tenant: TenantKeys) -> None:
-    r = await client.post("/v1/keys", headers=tenant.auth("admin"),
-                          json={"role": "product", "name": "mobile app"})
+    r = await client.post(
+        "/v1/keys", headers=tenant.auth("admin"), json={"role": "product", "name": "mobile app"}
+    )
     assert r.status_code == 201
     new = r.json()
     fb = {"prompt": "p", "completion": "c", "rating": "up"}
-    assert (await client.post("/v1/feedback", headers=bearer(new["key"]), json=fb)).status_code == 201
+    assert (
+        await client.post("/v1/feedback", headers=bearer(new["key"]), json=fb)
+    ).status_code == 201
     listed = (await client.get("/v1/keys", headers=tenant.auth("admin"))).json()["data"]
     assert {k["id"] for k in listed} == {tenant.admin_key_id, tenant.product_key_id, new["id"]}
     r = await client.delete(f"/v1/keys/{new['id']}", headers=tenant.auth("admin"))
@@ -100,8 +112,9 @@ async def test_key_lifecycle(client: httpx.AsyncClient, tenant: TenantKeys) -> N
     r = await client.post("/v1/feedback", headers=bearer(new["key"]), json=fb)
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
     # Revoking twice is harmless; the last admin key cannot be revoked.
-    assert (await client.delete(f"/v1/keys/{new['id']}",
-                                headers=tenant.auth("admin"))).status_code == 200
+    assert (
+        await client.delete(f"/v1/keys/{new['id']}", headers=tenant.auth("admin"))
+    ).status_code == 200
     r = await client.delete(f"/v1/keys/{tenant.admin_key_id}", headers=tenant.auth("admin"))
     assert r.status_code == 409 and r.json()["error"]["code"] == "last_admin_key"
     r = await client.post("/v1/keys", headers=tenant.auth("admin"), json={"role": "platform"})

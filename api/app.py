@@ -12,12 +12,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import error_response, install_error_handlers
 from api.routers import feedback, health, keys, tenants
 from core.db import create_engine, create_sessionmaker
+from core.feedback import FeedbackWriter
 from core.keys import PrincipalCache
 from core.settings import ApiSettings
 
 
 class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413 before anything parses them."""
+    """Refuse request bodies over ``max_bytes`` with 413 before anything parses them.
+
+    FastAPI's own ``max_body_size`` answers in plain text; this keeps the JSON error envelope.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -82,6 +86,7 @@ def create_app(settings: ApiSettings, *, engine: AsyncEngine | None = None) -> F
     app.state.engine = db
     app.state.sessionmaker = create_sessionmaker(db)
     app.state.principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
+    app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     install_error_handlers(app)
     for module in (health, tenants, keys, feedback):
         app.include_router(module.router)

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+# Dependencies are all ``async def``: FastAPI runs plain ``def`` ones in a thread pool, which
+# costs more than the work they do.
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import PermissionDenied, Unauthenticated
+from core.feedback import FeedbackWriter
 from core.keys import Principal, PrincipalCache, authenticate
 from core.models import KeyRole
 from core.settings import ApiSettings
@@ -44,7 +47,7 @@ async def get_principal(
     return principal
 
 
-def get_principal_cache(request: Request) -> PrincipalCache:
+async def get_principal_cache(request: Request) -> PrincipalCache:
     cache: PrincipalCache = request.app.state.principal_cache
     return cache
 
@@ -52,7 +55,7 @@ def get_principal_cache(request: Request) -> PrincipalCache:
 PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
 
 
-def get_settings(request: Request) -> ApiSettings:
+async def get_settings(request: Request) -> ApiSettings:
     settings: ApiSettings = request.app.state.settings
     return settings
 
@@ -96,3 +99,11 @@ async def require_product(
 PlatformDep = Annotated[Principal, Depends(require_platform)]
 AdminTenantDep = Annotated[str, Depends(require_admin)]
 ProductTenantDep = Annotated[str, Depends(require_product)]
+
+
+async def get_feedback_writer(request: Request) -> FeedbackWriter:
+    writer: FeedbackWriter = request.app.state.feedback_writer
+    return writer
+
+
+FeedbackWriterDep = Annotated[FeedbackWriter, Depends(get_feedback_writer)]

@@ -123,14 +123,18 @@ async def make_tenant(client: httpx.AsyncClient, platform_key: str):  # type: ig
 
     async def make() -> TenantKeys:
         slug = f"t-{secrets.token_hex(5)}"
-        r = await client.post("/v1/tenants", json={"slug": slug},
-                              headers={"Authorization": f"Bearer {platform_key}"})
+        r = await client.post(
+            "/v1/tenants", json={"slug": slug}, headers={"Authorization": f"Bearer {platform_key}"}
+        )
         assert r.status_code == 201, r.text
         body = r.json()
         return TenantKeys(
-            id=body["tenant"]["id"], slug=slug,
-            admin=body["admin_key"]["key"], product=body["product_key"]["key"],
-            admin_key_id=body["admin_key"]["id"], product_key_id=body["product_key"]["id"],
+            id=body["tenant"]["id"],
+            slug=slug,
+            admin=body["admin_key"]["key"],
+            product=body["product_key"]["key"],
+            admin_key_id=body["admin_key"]["id"],
+            product_key_id=body["product_key"]["id"],
         )
 
     return make

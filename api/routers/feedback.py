@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from api.deps import AdminTenantDep, ProductTenantDep, SessionDep
+from api.deps import AdminTenantDep, FeedbackWriterDep, ProductTenantDep, SessionDep
 from api.schemas import (
     MAX_BATCH,
     DayStatsOut,
@@ -36,15 +36,13 @@ async def post_feedback(
         FeedbackBody, Body(description=f"one item, or {{items: [...]}} (1-{MAX_BATCH})")
     ],
     response: Response,
-    session: SessionDep,
+    writer: FeedbackWriterDep,
     tenant_id: ProductTenantDep,
 ) -> FeedbackOut | FeedbackBatchOut:
     """Store feedback. The response comes only after the rows are committed. A batch is stored
     whole or not at all. A repeated ``idempotency_key`` returns the original record."""
     items = body.items if isinstance(body, FeedbackBatch) else [body]
-    stored = await feedback.ingest_feedback(
-        session, tenant_id=tenant_id, items=[i.to_core() for i in items]
-    )
+    stored = await writer.write(tenant_id=tenant_id, items=[i.to_core() for i in items])
     created = sum(s.created for s in stored)
     if created == 0:
         response.status_code = status.HTTP_200_OK

@@ -270,3 +270,38 @@ async def test_stats(client: httpx.AsyncClient, tenant: TenantKeys) -> None:
     assert abs(s["up_rate"] - 0.7) < 1e-9
     assert len(s["days"]) == 3 and s["days"][-1]["total"] == 10
     assert s["days"][0]["total"] == 0 and s["days"][0]["up_rate"] is None
+
+
+async def test_what_is_stored_is_what_was_sent(
+    client: httpx.AsyncClient, tenant: TenantKeys
+) -> None:
+    """Read back through the database (the POST answer is built before the read side sees it)."""
+    msgs = [{"role": "user", "content": "héllo ✓"}, {"role": "assistant", "content": "hi"}]
+    items = [
+        {"messages": msgs, "completion": "c0", "rating": "up", "metadata": {"k": [1, {"x": None}]}},
+        {
+            "prompt": "p1",
+            "completion": "c1",
+            "rating": "down",
+            "score": 0.5,
+            "comment": "meh",
+            "correction": "better",
+            "user_id": "u",
+            "idempotency_key": "rt-1",
+        },
+    ]
+    sent = await client.post("/v1/feedback", headers=tenant.auth(), json={"items": items})
+    assert sent.status_code == 201
+    got = (await client.get("/v1/feedback", headers=tenant.auth("admin"))).json()["data"]
+    by_completion = {d["completion"]: d for d in got}
+    first, second = by_completion["c0"], by_completion["c1"]
+    assert first["messages"] == msgs and first["metadata"] == {"k": [1, {"x": None}]}
+    assert first["prompt"] is None and first["score"] is None
+    assert second["messages"] is None and second["metadata"] is None
+    assert (second["rating"], second["score"], second["comment"], second["correction"]) == (
+        -1,
+        0.5,
+        "meh",
+        "better",
+    )
+    assert second["idempotency_key"] == "rt-1"

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 from sqlalchemy import func, select, text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,29 @@ async def admin(sql: str) -> None:
     await engine.dispose()
 
 
-async def phase(port: int, key: str, *, batch: int, seconds: float, concurrency: int) -> dict:
+def cpu_seconds(pids: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the API processes and by all PostgreSQL processes."""
+    api = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            api += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    pg = 0.0
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] and p.info["name"].startswith("postgres"):
+            try:
+                t = p.cpu_times()
+                pg += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return {"api": api, "postgres": pg, "bench_client": time.process_time()}
+
+
+async def phase(
+    port: int, key: str, *, batch: int, seconds: float, concurrency: int, pids: list[int]
+) -> dict:
     """Closed loop: ``concurrency`` clients each send one request after the other."""
     latencies: list[float] = []
     acked = 0
@@ -105,9 +128,16 @@ async def phase(port: int, key: str, *, batch: int, seconds: float, concurrency:
             await client.close()
 
     t0 = time.perf_counter()
+    cpu0 = cpu_seconds(pids)
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pids)
+    per_request = {
+        f"{k}_cpu_ms_per_request": round((cpu1[k] - cpu0[k]) * 1000 / max(1, len(latencies)), 3)
+        for k in cpu0
+    }
     return {
+        **per_request,
         "batch": batch,
         "concurrency": concurrency,
         "seconds": round(elapsed, 2),
@@ -160,14 +190,23 @@ async def main(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(0.1)
         else:
             raise SystemExit("API did not come up")
+        api = psutil.Process(proc.pid)
+        pids = [proc.pid] + [c.pid for c in api.children(recursive=True)]
 
         # Warm-up (connection pools, JIT-less but cache-warm code paths); not counted.
-        await phase(port, key, batch=1, seconds=2, concurrency=args.concurrency)
+        await phase(port, key, batch=1, seconds=2, concurrency=args.concurrency, pids=pids)
         async with create_sessionmaker(engine)() as s:
             before = await s.scalar(select(func.count()).select_from(Feedback))
-        single = await phase(port, key, batch=1, seconds=args.seconds, concurrency=args.concurrency)
+        single = await phase(
+            port, key, batch=1, seconds=args.seconds, concurrency=args.concurrency, pids=pids
+        )
         batched = await phase(
-            port, key, batch=1000, seconds=args.seconds, concurrency=args.batch_concurrency
+            port,
+            key,
+            batch=1000,
+            seconds=args.seconds,
+            concurrency=args.batch_concurrency,
+            pids=pids,
         )
         async with create_sessionmaker(engine)() as s:
             after = await s.scalar(select(func.count()).select_from(Feedback))
@@ -192,15 +231,16 @@ async def main(args: argparse.Namespace) -> dict:
 
 def report(result: dict) -> None:
     print(f"\nfeedback ingest, {result['api_workers']} API worker(s), PostgreSQL, loopback")
-    print(
-        f"{'mode':<10}{'conc':>6}{'requests':>10}{'items/s':>12}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>9}"
-    )
+    head = f"{'mode':<9}{'conc':>5}{'requests':>9}{'items/s':>9}"
+    head += f"{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+    print(head + "   CPU ms/request:   api     pg client")
     for mode in ("single", "batched"):
         r = result[mode]
         print(
-            f"{mode:<10}{r['concurrency']:>6}{r['requests']:>10}{r['items_per_s']:>12.0f}"
-            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{sum(r['errors'].values()):>9}"
+            f"{mode:<9}{r['concurrency']:>5}{r['requests']:>9}{r['items_per_s']:>9.0f}"
+            f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{sum(r['errors'].values()):>7}{'':>18}"
+            f"{r['api_cpu_ms_per_request']:>6.2f}{r['postgres_cpu_ms_per_request']:>7.2f}"
+            f"{r['bench_client_cpu_ms_per_request']:>7.2f}"
         )
     print(
         f"acknowledged {result['items_acknowledged']} items, database holds "

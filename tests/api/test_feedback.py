@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -305,3 +306,33 @@ async def test_what_is_stored_is_what_was_sent(
         "better",
     )
     assert second["idempotency_key"] == "rt-1"
+
+
+async def test_concurrent_requests_share_commits_but_not_fates(
+    client: httpx.AsyncClient,
+    make_tenant,
+    backend: Backend,  # type: ignore[no-untyped-def]
+) -> None:
+    """Concurrent POSTs are grouped into shared commits: a retry race still yields one row, and a
+    bad request in the same group fails alone."""
+    a, b = await make_tenant(), await make_tenant()
+    interaction = await add_interaction(backend, a.id)
+
+    def post(t: TenantKeys, body: dict[str, object]):  # type: ignore[no-untyped-def]
+        return client.post("/v1/feedback", headers=t.auth(), json=body)
+
+    bodies = (
+        [(a, inline(0, idempotency_key="race")) for _ in range(20)]
+        + [(b, inline(i)) for i in range(20)]
+        + [(a, {"interaction_id": "int_missing", "rating": "up"})]
+        + [(b, {"interaction_id": interaction, "rating": "up"})]  # A's interaction, B's key
+        + [(a, {"interaction_id": interaction, "rating": "down"})]
+    )
+    responses = await asyncio.gather(*(post(t, body) for t, body in bodies))
+    race = responses[:20]
+    assert sorted(r.status_code for r in race) == [200] * 19 + [201]
+    assert len({r.json()["id"] for r in race}) == 1
+    assert all(r.status_code == 201 for r in responses[20:40])
+    assert [r.status_code for r in responses[40:]] == [422, 422, 201]
+    assert await count_feedback(backend, a.id) == 2
+    assert await count_feedback(backend, b.id) == 20

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from core.db import create_sessionmaker
@@ -126,3 +128,15 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json() == {"status": "ready"}
     r = await client.get("/v1/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_keys_never_reach_the_logs(
+    client: httpx.AsyncClient, tenant: TenantKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await client.get("/v1/keys", headers=tenant.auth("admin"))
+    await client.get("/v1/keys", headers=bearer(tenant.admin + "x"))
+    await client.post("/v1/keys", headers=tenant.auth("admin"), json={"role": "product"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    secret_part = tenant.admin.split("_", 2)[2]
+    assert secret_part not in text and tenant.product.split("_", 2)[2] not in text

@@ -10,11 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
-from api.routers import feedback, health, keys, tenants
+from api.routers import adapters, feedback, health, inference, keys, tenants
+from core.artifacts import ArtifactStore
 from core.db import create_engine, create_sessionmaker
 from core.feedback import FeedbackWriter
 from core.keys import PrincipalCache
 from core.settings import ApiSettings
+from serving.local import LocalBackend
+from serving.types import ServingBackend
 
 
 class BodyLimit:
@@ -64,15 +67,31 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: ApiSettings, *, engine: AsyncEngine | None = None) -> FastAPI:
-    """Build the app. ``engine`` may be injected (tests share one); otherwise it is built here
-    and disposed of at shutdown."""
+def build_backend(settings: ApiSettings) -> ServingBackend:
+    if settings.serving_backend == "local":
+        return LocalBackend(base_model=settings.base_model, data_dir=settings.data_dir)
+    # Said plainly rather than half-done: the vLLM pool is its own piece of work (issue 4).
+    raise RuntimeError("TUNELOOP_SERVING_BACKEND=vllm is not available in this version yet")
+
+
+def create_app(
+    settings: ApiSettings,
+    *,
+    engine: AsyncEngine | None = None,
+    backend: ServingBackend | None = None,
+) -> FastAPI:
+    """Build the app. ``engine`` and ``backend`` may be injected (tests share them); otherwise
+    they are built here and closed at shutdown. The local backend loads its model on first use."""
     own_engine = engine is None
     db = engine if engine is not None else create_engine(settings)
+    own_backend = backend is None
+    engine_backend = backend if backend is not None else build_backend(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if own_backend:
+            await engine_backend.close()
         if own_engine:
             await db.dispose()
 
@@ -87,8 +106,10 @@ def create_app(settings: ApiSettings, *, engine: AsyncEngine | None = None) -> F
     app.state.sessionmaker = create_sessionmaker(db)
     app.state.principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
+    app.state.backend = engine_backend
+    app.state.store = ArtifactStore(settings.data_dir / "artifacts")
     install_error_handlers(app)
-    for module in (health, tenants, keys, feedback):
+    for module in (health, tenants, keys, feedback, inference, adapters):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

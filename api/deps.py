@@ -15,11 +15,13 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.artifacts import ArtifactStore
 from core.errors import PermissionDenied, Unauthenticated
 from core.feedback import FeedbackWriter
 from core.keys import Principal, PrincipalCache, authenticate
 from core.models import KeyRole
 from core.settings import ApiSettings
+from serving.types import ServingBackend
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -107,3 +109,17 @@ async def get_feedback_writer(request: Request) -> FeedbackWriter:
 
 
 FeedbackWriterDep = Annotated[FeedbackWriter, Depends(get_feedback_writer)]
+
+
+async def get_backend(request: Request) -> ServingBackend:
+    backend: ServingBackend = request.app.state.backend
+    return backend
+
+
+async def get_store(request: Request) -> ArtifactStore:
+    store: ArtifactStore = request.app.state.store
+    return store
+
+
+BackendDep = Annotated[ServingBackend, Depends(get_backend)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]

@@ -68,7 +68,7 @@ async def backend(
     """A freshly created, Alembic-migrated database for this test session."""
     data_dir = tmp_path_factory.mktemp(f"data-{request.param}")
     if request.param == "sqlite":
-        settings = ApiSettings(data_dir=data_dir, database_url=None)
+        settings = ApiSettings(data_dir=data_dir, database_url=None, base_model="tiny-random")
         url = None
     else:
         server = postgres_url()
@@ -79,7 +79,7 @@ async def backend(
         name = f"tuneloop_test_{secrets.token_hex(4)}"
         await _admin_exec(server, f'CREATE DATABASE "{name}"')
         url = _with_database(server, name)
-        settings = ApiSettings(data_dir=data_dir, database_url=url)
+        settings = ApiSettings(data_dir=data_dir, database_url=url, base_model="tiny-random")
     engine = create_engine(settings)
     await migrations.upgrade(engine)
     yield Backend(request.param, settings, engine, url)

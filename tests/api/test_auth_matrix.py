@@ -5,14 +5,18 @@ tenant's objects, and list routes that never show another tenant's data."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from api.app import create_app
+from core.artifacts import ArtifactStore
+from core.db import create_sessionmaker
 from core.settings import ApiSettings
-from tests.conftest import TenantKeys
+from serving import registry
+from tests.conftest import Backend, TenantKeys
 
 PUBLIC = {"/healthz", "/readyz"}
 
@@ -39,6 +43,17 @@ def test_every_api_route_requires_a_role() -> None:
     assert not unguarded, f"routes without an auth dependency: {unguarded}"
 
 
+async def _objects_of(backend: Backend, a: TenantKeys, tmp: Path) -> dict[str, str]:
+    """Tenant A's object for every path parameter the API has."""
+    (tmp / "adapter_config.json").write_text('{"r": 4}')
+    (tmp / "adapter_model.safetensors").write_bytes(b"weights of tenant A")
+    async with create_sessionmaker(backend.engine)() as s:
+        version = await registry.register_adapter(
+            s, ArtifactStore(tmp / "store"), tenant_id=a.id, adapter_dir=tmp, base_model="x"
+        )
+    return {"tenant_id": a.id, "key_id": a.product_key_id, "version_id": version.id}
+
+
 def _fill(path: str, ids: dict[str, str]) -> str:
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
@@ -62,13 +77,14 @@ async def test_unauthenticated_and_wrong_role(
     client: httpx.AsyncClient,
     make_tenant,
     platform_key: str,  # type: ignore[no-untyped-def]
+    backend: Backend,
+    tmp_path: Path,
     method: str,
     path: str,
     role: str,
 ) -> None:
     a: TenantKeys = await make_tenant()
-    ids = {"tenant_id": a.id, "key_id": a.product_key_id}
-    url = _fill(path, ids)
+    url = _fill(path, await _objects_of(backend, a, tmp_path))
     revoked = (
         await client.post("/v1/keys", headers=a.auth("admin"), json={"role": "admin"})
     ).json()
@@ -98,18 +114,23 @@ async def test_unauthenticated_and_wrong_role(
 async def test_other_tenants_objects_are_not_found(
     client: httpx.AsyncClient,
     make_tenant,  # type: ignore[no-untyped-def]
+    backend: Backend,
+    tmp_path: Path,
     method: str,
     path: str,
     role: str,
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
-    url = _fill(path, {"tenant_id": a.id, "key_id": a.product_key_id})
+    objects = await _objects_of(backend, a, tmp_path)
+    url = _fill(path, objects)
     r = await _call(client, method, url, b.admin if role == "admin" else b.product)
     assert r.status_code == 404, (method, url, r.text)
     assert r.json()["error"]["code"] == "not_found"
-    # ...and tenant A's object is untouched.
+    # ...and tenant A's objects are untouched.
     keys = (await client.get("/v1/keys", headers=a.auth("admin"))).json()["data"]
     assert all(k["revoked_at"] is None for k in keys)
+    versions = (await client.get("/v1/adapters", headers=a.auth("admin"))).json()["data"]
+    assert [(v["id"], v["status"]) for v in versions] == [(objects["version_id"], "candidate")]
 
 
 @pytest.mark.parametrize(
@@ -120,11 +141,14 @@ async def test_other_tenants_objects_are_not_found(
 async def test_lists_never_show_another_tenants_data(
     client: httpx.AsyncClient,
     make_tenant,  # type: ignore[no-untyped-def]
+    backend: Backend,
+    tmp_path: Path,
     method: str,
     path: str,
     role: str,
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
+    version = (await _objects_of(backend, a, tmp_path))["version_id"]
     r = await client.post(
         "/v1/feedback",
         headers=a.auth(),
@@ -138,7 +162,8 @@ async def test_lists_never_show_another_tenants_data(
     fb = r.json()["id"]
     r = await client.get(path, headers={"Authorization": f"Bearer {b.admin}"})
     assert r.status_code == 200, r.text
-    for marker in (fb, a.id, a.admin_key_id, a.product_key_id, "secret prompt of A", "alice"):
+    markers = (fb, a.id, a.admin_key_id, a.product_key_id, "secret prompt of A", "alice", version)
+    for marker in markers:
         assert marker not in r.text, (path, marker)
 
 

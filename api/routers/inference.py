@@ -1,0 +1,258 @@
+"""OpenAI-compatible inference: product code switches by changing ``base_url`` and the key."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import BackendDep, ProductTenantDep, SessionDep, StoreDep
+from api.schemas_inference import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelList,
+    ModelOut,
+    sse,
+    usage_of,
+)
+from core.errors import InvalidInput
+from serving.gateway import new_interaction_ids, record_answer
+from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
+from serving.types import Generation, GenerationRequest, ServingBackend
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+def _generation_request(
+    body: ChatCompletionRequest | CompletionRequest, resolved: Resolved
+) -> GenerationRequest:
+    unsupported = body.refuse_unsupported()
+    if unsupported is not None:
+        raise InvalidInput(
+            f"the parameter {unsupported!r} is not supported by tuneloop",
+            details={"field": unsupported},
+            code="unsupported_parameter",
+        )
+    if body.stream and body.n != 1:
+        raise InvalidInput("stream=true answers one choice: set n=1", details={"field": "n"})
+    return GenerationRequest(
+        adapter=resolved.adapter,
+        messages=[m.model_dump(exclude_none=True) for m in body.messages]
+        if isinstance(body, ChatCompletionRequest)
+        else None,
+        prompt=body.prompt if isinstance(body, CompletionRequest) else None,
+        max_tokens=body.token_limit,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=body.stops,
+        seed=body.seed,
+    )
+
+
+async def _answer(
+    body: ChatCompletionRequest | CompletionRequest,
+    *,
+    endpoint: str,
+    request: Request,
+    response: Response,
+    session: Any,
+    tenant_id: str,
+    backend: ServingBackend,
+    store: Any,
+) -> tuple[Resolved, Generation, list[str]] | StreamingResponse:
+    resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
+    gen_request = _generation_request(body, resolved)
+    ids = new_interaction_ids(body.n)
+    started = time.perf_counter()
+    if body.stream:
+        return StreamingResponse(
+            _stream(
+                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], backend
+            ),
+            media_type="text/event-stream",
+            headers={"X-Interaction-Id": ids[0], "Cache-Control": "no-cache"},
+        )
+    generation = await backend.generate(gen_request)
+    await record_answer(
+        session,
+        tenant_id=tenant_id,
+        resolved=resolved,
+        request=gen_request,
+        choices=generation.choices,
+        prompt_tokens=generation.prompt_tokens,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        interaction_ids=ids,
+        endpoint=endpoint,
+    )
+    response.headers["X-Interaction-Id"] = ",".join(ids)
+    return resolved, generation, ids
+
+
+async def _stream(
+    request: Request,
+    endpoint: str,
+    model: str,
+    tenant_id: str,
+    resolved: Resolved,
+    gen_request: GenerationRequest,
+    interaction_id: str,
+    backend: ServingBackend,
+) -> AsyncIterator[bytes]:
+    started = time.perf_counter()
+    created = int(time.time())
+    chat = endpoint == "chat.completions"
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice["delta"] = ({"role": "assistant"} if role else {}) | (
+                {"content": delta} if delta else {}
+            )
+        else:
+            choice["text"] = delta or ""
+        return {
+            "id": interaction_id,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "interaction_id": interaction_id,
+            "served_by": resolved.label,
+        }
+
+    if chat:
+        yield sse(chunk(None, None, role=True))
+    async for piece in backend.stream(gen_request):
+        if isinstance(piece, Generation):
+            finish = piece.choices[0].finish_reason
+            yield sse(chunk(None, finish))
+            yield sse("[DONE]")
+            async with request.app.state.sessionmaker() as session:
+                await record_answer(
+                    session,
+                    tenant_id=tenant_id,
+                    resolved=resolved,
+                    request=gen_request,
+                    choices=piece.choices,
+                    prompt_tokens=piece.prompt_tokens,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    interaction_ids=[interaction_id],
+                    endpoint=endpoint,
+                )
+        else:
+            yield sse(chunk(piece, None))
+
+
+@router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant_id: ProductTenantDep,
+    backend: BackendDep,
+    store: StoreDep,
+) -> ChatCompletion | StreamingResponse:
+    """Answer a conversation with the tenant's adapter (``model``: default, base or a version).
+    The answer's ``interaction_id`` (also the ``X-Interaction-Id`` header) is what feedback
+    rates."""
+    out = await _answer(
+        body,
+        endpoint="chat.completions",
+        request=request,
+        response=response,
+        session=session,
+        tenant_id=tenant_id,
+        backend=backend,
+        store=store,
+    )
+    if isinstance(out, StreamingResponse):
+        return out
+    resolved, generation, ids = out
+    return ChatCompletion(
+        id=ids[0],
+        created=int(time.time()),
+        model=body.model,
+        interaction_id=ids[0],
+        served_by=resolved.label,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content=c.text),
+                finish_reason=c.finish_reason,
+                interaction_id=ids[i],
+            )
+            for i, c in enumerate(generation.choices)
+        ],
+        usage=usage_of(generation.prompt_tokens, [c.completion_tokens for c in generation.choices]),
+    )
+
+
+@router.post("/completions", response_model=None, responses={200: {"model": Completion}})
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant_id: ProductTenantDep,
+    backend: BackendDep,
+    store: StoreDep,
+) -> Completion | StreamingResponse:
+    """Continue a raw prompt (no chat template)."""
+    out = await _answer(
+        body,
+        endpoint="completions",
+        request=request,
+        response=response,
+        session=session,
+        tenant_id=tenant_id,
+        backend=backend,
+        store=store,
+    )
+    if isinstance(out, StreamingResponse):
+        return out
+    resolved, generation, ids = out
+    return Completion(
+        id=ids[0],
+        created=int(time.time()),
+        model=body.model,
+        interaction_id=ids[0],
+        served_by=resolved.label,
+        choices=[
+            CompletionChoice(
+                index=i, text=c.text, finish_reason=c.finish_reason, interaction_id=ids[i]
+            )
+            for i, c in enumerate(generation.choices)
+        ],
+        usage=usage_of(generation.prompt_tokens, [c.completion_tokens for c in generation.choices]),
+    )
+
+
+@router.get("/models")
+async def models(session: SessionDep, tenant_id: ProductTenantDep) -> ModelList:
+    """``default``, ``base`` and the tenant's own adapter versions — nothing of other tenants."""
+    now = int(time.time())
+    data = [
+        ModelOut(id=DEFAULT, created=now, owned_by="tenant"),
+        ModelOut(id=BASE, created=now, owned_by="tuneloop"),
+    ]
+    for v in await list_versions(session, tenant_id=tenant_id):
+        data.append(
+            ModelOut(
+                id=v.id,
+                created=int(v.created_at.timestamp()),
+                owned_by="tenant",
+                status=v.status.value,
+            )
+        )
+    return ModelList(data=data)

@@ -1,0 +1,61 @@
+"""What the gateway asks of a serving backend, and what it gets back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A tenant's adapter version as the serving tier knows it: an immutable name and its files."""
+
+    serving_name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One OpenAI-style request. ``messages`` (chat) or ``prompt`` (completion), never both."""
+
+    adapter: AdapterRef | None
+    messages: Sequence[Mapping[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    choices: list[Choice]
+    prompt_tokens: int
+    served_by: str = field(default="base")
+    """The serving name that computed the answer, or ``base``."""
+
+
+class ServingBackend(Protocol):
+    """The engine behind the gateway: it computes; the gateway authorizes, routes and meters."""
+
+    async def generate(self, request: GenerationRequest) -> Generation: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
+        """Text pieces of a single answer (``n == 1``) as they are produced; the last item is
+        the finished ``Generation`` (token counts, finish reason)."""
+        ...
+
+    async def unload(self, serving_name: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -46,9 +46,20 @@ class StoredFeedback:
 
 
 _COLUMNS = (
-    "id", "tenant_id", "interaction_id", "messages", "prompt", "completion", "rating", "score",
-    "comment", "correction", "user_id", "idempotency_key", "created_at",
-)  # fmt: skip
+    "id",
+    "tenant_id",
+    "interaction_id",
+    "messages",
+    "prompt",
+    "completion",
+    "rating",
+    "score",
+    "comment",
+    "correction",
+    "user_id",
+    "idempotency_key",
+    "created_at",
+)
 
 
 def _as_dict(fb: Feedback) -> dict[str, Any]:

@@ -24,6 +24,9 @@ from core.keys import create_key
 from core.models import KeyRole
 from core.settings import ApiSettings, Settings
 
+# Nothing in the suite may reach a model hub: everything loads from local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 

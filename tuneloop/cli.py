@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.db import create_engine, create_sessionmaker
 from core.errors import DomainError
 from core.settings import ApiSettings, Settings
+from trainer import cli as trainer_cli
 
 app = typer.Typer(
     help="tuneloop: per-tenant LLM personalization. Configure with environment variables "
@@ -30,6 +31,9 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+# The trainer's own commands: `tuneloop train ...` and `tuneloop eval ...` (no database needed).
+app.command("train")(trainer_cli.train)
+app.command("eval")(trainer_cli.eval)
 
 T = TypeVar("T")
 

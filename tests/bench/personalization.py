@@ -4,9 +4,9 @@ Two simulated tenants share one base model (SmolLM2-135M-Instruct by default): `
 answers under 40 words, ``detailed`` likes answers over 80 words. For each tenant we
 
 1. sample several answers per training prompt from the base model and let the tenant's simulated
-   users vote on them (half the samples are drawn with a "be brief" and half with a "be thorough"
-   system hint so both tastes see answers they like; the votes are recorded against the plain
-   user prompt, exactly what the product would have shown);
+   users vote on them. SmolLM2 answers at length by default, so half the samples are drawn with
+   "Answer in one short sentence." appended to the question (a system prompt does not move this
+   model); the votes are recorded against the plain question, as if the product had shown them;
 2. compile the votes (DPO pairs; KTO when there are too few pairs) and train a LoRA adapter;
 3. answer held-out prompts (never voted on) greedily with the base model, the tenant's own adapter
    and the other tenant's adapter, and count the share of answers the tenant's judge likes.
@@ -48,10 +48,7 @@ from trainer import (
 logger = logging.getLogger("bench.personalization")
 
 TENANTS = ("concise", "detailed")
-HINTS = (
-    "Answer in one or two short sentences.",
-    "Answer thoroughly, with details, explanations and examples.",
-)
+HINTS = ("", " Answer in one short sentence.")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -66,9 +63,7 @@ def _sample(
     per_hint = max(1, n // len(HINTS))
     answers: list[list[str]] = [[] for _ in prompts]
     for h, hint in enumerate(HINTS):
-        convs = [
-            [{"role": "system", "content": hint}, {"role": "user", "content": p}] for p in prompts
-        ]
+        convs = [[{"role": "user", "content": p + hint}] for p in prompts]
         got = generate_answers(
             model,
             tokenizer,
@@ -106,16 +101,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records: list[FeedbackRecord] = collect_feedback(
             persona, train_prompts, samples, user_id=f"bench-{name}"
         )
-        data = compile_feedback(records, holdout_fraction=0.0, min_records=4)
-        method = "auto"
-        if len(data.pairs_train) < args.min_pairs:
-            method = "kto"
+        ups = sum(r.rating > 0 for r in records)
+        try:
+            data = compile_feedback(records, holdout_fraction=0.0, min_records=4)
+        except NotEnoughData as exc:
+            logger.warning("tenant %s: %s", name, exc)
+            tenants[name] = {"error": str(exc), "up_votes": ups, "votes": len(records)}
+            continue
         spec = TrainSpec(
             base_model=args.base,
             data=data,
             output_dir=out_dir / name,
             data_dir=data_dir,
-            method=method,  # type: ignore[arg-type]
+            method="auto",  # DPO with enough pairs, else KTO on the unpaired thumbs
             max_steps=args.steps,
             batch_size=args.batch_size,
             rank=args.rank,
@@ -222,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         "train_prompts": 8,
         "eval_prompts": 4,
         "answers": 2,
-        "max_new_tokens": 96,
+        "max_new_tokens": 128,
         "steps": 4,
         "batch_size": 2,
     }
     full = {
-        "train_prompts": 36,
+        "train_prompts": 32,
         "eval_prompts": 12,
         "answers": 4,
         "max_new_tokens": 160,

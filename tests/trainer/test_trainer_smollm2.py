@@ -1,0 +1,97 @@
+"""SmolLM2-135M-Instruct end to end: GGUF → safetensors conversion, generation, a few DPO steps.
+
+Slow (about two minutes on 2 CPU cores); it runs in CI, skip locally with ``-m 'not slow'``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from trainer import (
+    FeedbackRecord,
+    TrainSpec,
+    compile_feedback,
+    evaluate,
+    generate_answers,
+    load_base_model,
+    resolve_base_model,
+    train,
+)
+from trainer.simulated_users import PERSONAS
+
+pytestmark = pytest.mark.slow
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smol-data")
+
+
+def test_conversion_and_generation(smol_data_dir: Path) -> None:
+    path = resolve_base_model(SMOL, data_dir=smol_data_dir)
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert "quantization_config" not in config  # a plain, trainable checkpoint
+    assert (path / "model.safetensors").stat().st_size > 500_000_000  # fp32
+    assert resolve_base_model(SMOL, data_dir=smol_data_dir) == path  # cached
+    model, tokenizer = load_base_model(SMOL, data_dir=smol_data_dir)
+    [[answer]] = generate_answers(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        max_new_tokens=16,
+    )
+    assert "Paris" in answer
+
+
+def test_a_few_dpo_steps_and_evaluation(
+    smol_data_dir: Path, tmp_path: Path, records_factory: Callable[..., list[FeedbackRecord]]
+) -> None:
+    concise = PERSONAS["concise"]
+    data = compile_feedback(
+        records_factory(
+            48, good="Sure, open Settings and press Reset.", bad=" ".join(["Well,"] * 45)
+        ),
+        holdout_fraction=0.25,
+    )
+    assert concise.rate(data.pairs_train[0].chosen) == 1
+    seen: list[float] = []
+    result = train(
+        TrainSpec(
+            base_model=SMOL,
+            data=data,
+            output_dir=tmp_path,
+            data_dir=smol_data_dir,
+            method="dpo",
+            max_steps=2,
+            batch_size=2,
+            max_length=128,
+            rank=8,
+            learning_rate=5e-4,
+        ),
+        progress=lambda p: seen.append(p.metrics["rewards/margins"]),
+    )
+    assert result.steps == 2 and len(seen) == 2
+    assert seen[-1] > seen[0]
+    weights = result.adapter_dir / "adapter_model.safetensors"
+    assert 1_000_000 < weights.stat().st_size < 20_000_000  # rank-8 all-linear LoRA, not a model
+    report = evaluate(
+        base_model=SMOL,
+        candidate=result.adapter_dir,
+        data=data,
+        data_dir=smol_data_dir,
+        judge=concise.judge,
+        max_win_prompts=2,
+        max_new_tokens=24,
+        max_regression_prompts=4,
+    )
+    assert report.pref_accuracy_candidate is not None
+    assert report.pref_accuracy_candidate > report.pref_accuracy_current  # type: ignore[operator]
+    assert report.regression_kl is not None and report.regression_kl < 1.0
+    assert report.n_win_prompts == 2

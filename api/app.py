@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
-from api.routers import adapters, feedback, health, inference, keys, tenants
+from api.orchestration import Orchestrator
+from api.routers import adapters, feedback, health, inference, keys, runs, tenants
 from core.artifacts import ArtifactStore
 from core.db import create_engine, create_sessionmaker
 from core.feedback import FeedbackWriter
@@ -108,8 +109,9 @@ def create_app(
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     app.state.backend = engine_backend
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
+    app.state.orchestrator = Orchestrator(settings.temporal_address, base_model=settings.base_model)
     install_error_handlers(app)
-    for module in (health, tenants, keys, feedback, inference, adapters):
+    for module in (health, tenants, keys, feedback, inference, adapters, runs):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -177,6 +178,34 @@ def api(
         workers=workers,
         log_level="info",
     )
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@app.command("worker")
+def worker(
+    queue: Annotated[str, typer.Option(help="cpu, gpu or all")] = "all",
+) -> None:
+    """Run a Temporal worker (TEMPORAL_ADDRESS) until SIGTERM/SIGINT, then stop gracefully."""
+    from workflows.worker import QUEUES, run_worker
+
+    if queue not in QUEUES:
+        raise _fail(f"--queue must be one of {', '.join(QUEUES)}, got {queue!r}")
+    settings: Settings = _settings(Settings)
+
+    async def main(engine: AsyncEngine) -> None:
+        await run_worker(settings, queue=queue, stop=_stop_on_signals())
+
+    try:
+        _run(main, settings)
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command("demo")

@@ -1,0 +1,191 @@
+"""Personalization runs (start, follow, cancel) and the training policy, for tenant admins."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from api.deps import AdminTenantDep, SessionDep
+from api.orchestration import ACTIVE, Orchestrator
+from api.schemas import ListOf
+from core.errors import NotFound
+from core.models import RunEvent, Tenant, TrainingRun
+from core.policy import TrainingPolicy, policy_of
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+
+class RunCreate(BaseModel):
+    method: Literal["auto", "dpo", "kto", "grpo"] | None = Field(
+        default=None, description="override the policy's method for this run"
+    )
+
+
+class RunOut(BaseModel):
+    object: Literal["training_run"] = "training_run"
+    id: str
+    status: str
+    method: str
+    trigger: str
+    reason: str | None
+    progress: dict[str, Any]
+    dataset_id: str | None
+    adapter_version_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, r: TrainingRun) -> RunOut:
+        return cls(
+            id=r.id,
+            status=r.status.value,
+            method=r.method,
+            trigger=r.trigger,
+            reason=r.reason,
+            progress=r.progress or {},
+            dataset_id=r.dataset_id,
+            adapter_version_id=r.adapter_version_id,
+            created_at=r.created_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+        )
+
+
+class EventOut(BaseModel):
+    object: Literal["training_run.event"] = "training_run.event"
+    id: int
+    created_at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+
+def orchestrator(request: Request) -> Orchestrator:
+    orch: Orchestrator = request.app.state.orchestrator
+    return orch
+
+
+async def _run(session: Any, tenant_id: str, run_id: str) -> TrainingRun:
+    run = await session.scalar(
+        select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.id == run_id)
+    )
+    if run is None:
+        raise NotFound(f"no run {run_id!r}")
+    return run
+
+
+@router.post(
+    "/runs",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"description": "a run is already in flight: that run is returned"}},
+)
+async def start_run(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant_id: AdminTenantDep,
+    body: RunCreate | None = None,
+) -> RunOut:
+    """Start a personalization run (202). One run per tenant at a time: while one is in flight,
+    its resource is returned instead (200)."""
+    run, started = await orchestrator(request).start_run(
+        session, tenant_id=tenant_id, trigger="manual", method=body.method if body else None
+    )
+    if not started:
+        response.status_code = status.HTTP_200_OK
+    return RunOut.of(run)
+
+
+@router.get("/runs")
+async def list_runs(
+    session: SessionDep,
+    tenant_id: AdminTenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+) -> ListOf[RunOut]:
+    query = select(TrainingRun).where(TrainingRun.tenant_id == tenant_id)
+    if cursor:
+        query = query.where(TrainingRun.id < cursor)
+    rows = list(await session.scalars(query.order_by(TrainingRun.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    page = rows[:limit]
+    return ListOf[RunOut](
+        data=[RunOut.of(r) for r in page], has_more=more, next_cursor=page[-1].id if more else None
+    )
+
+
+@router.get("/runs/{run_id}")
+async def get_run(run_id: str, session: SessionDep, tenant_id: AdminTenantDep) -> RunOut:
+    return RunOut.of(await _run(session, tenant_id, run_id))
+
+
+@router.get("/runs/{run_id}/events")
+async def run_events(
+    run_id: str,
+    session: SessionDep,
+    tenant_id: AdminTenantDep,
+    after: Annotated[int, Query(ge=0, description="the last event id you have")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ListOf[EventOut]:
+    """Oldest first, like OpenAI's fine-tuning job events; poll with ``after``."""
+    await _run(session, tenant_id, run_id)
+    rows = list(
+        await session.scalars(
+            select(RunEvent)
+            .where(RunEvent.tenant_id == tenant_id, RunEvent.run_id == run_id, RunEvent.id > after)
+            .order_by(RunEvent.id)
+            .limit(limit + 1)
+        )
+    )
+    page = rows[:limit]
+    return ListOf[EventOut](
+        data=[
+            EventOut(
+                id=e.id,
+                created_at=e.created_at,
+                level=e.level,
+                type=e.type,
+                message=e.message,
+                data=e.data,
+            )
+            for e in page
+        ],
+        has_more=len(rows) > limit,
+        next_cursor=str(page[-1].id) if len(rows) > limit else None,
+    )
+
+
+@router.post("/runs/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+async def cancel_run(
+    run_id: str, request: Request, session: SessionDep, tenant_id: AdminTenantDep
+) -> RunOut:
+    """Ask a run to stop; training checkpoints and the run ends ``cancelled``."""
+    run = await _run(session, tenant_id, run_id)
+    if run.status in ACTIVE:
+        await orchestrator(request).cancel(run)
+    return RunOut.of(run)
+
+
+@router.get("/policy")
+async def get_policy(session: SessionDep, tenant_id: AdminTenantDep) -> TrainingPolicy:
+    tenant = await session.get(Tenant, tenant_id)
+    assert tenant is not None
+    return policy_of(tenant.policy)
+
+
+@router.put("/policy")
+async def put_policy(
+    body: TrainingPolicy, session: SessionDep, tenant_id: AdminTenantDep
+) -> TrainingPolicy:
+    """Replace the training policy (fields left out take their defaults)."""
+    tenant = await session.get(Tenant, tenant_id)
+    assert tenant is not None
+    tenant.policy = body.model_dump()
+    await session.commit()
+    return body

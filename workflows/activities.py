@@ -1,0 +1,383 @@
+"""Activities of the personalization loop: the only place where the workflow touches the
+database, the artifact store and torch. Methods of a class built with its clients, so tests and
+workers inject them (temporalio samples: hello_activity_method)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+import trainer
+from core.artifacts import ArtifactStore
+from core.ids import new_id
+from core.models import (
+    AdapterStatus,
+    Dataset,
+    Feedback,
+    Interaction,
+    RunEvent,
+    RunStatus,
+    TrainingRun,
+)
+from core.usage import TRAINING_TOKENS, record_usage
+from serving import registry
+from workflows.contracts import (
+    CompileInput,
+    CompileOutput,
+    EvaluateInput,
+    EvaluateOutput,
+    PromoteInput,
+    RegisterInput,
+    RegisterOutput,
+    RunUpdate,
+    StartRunInput,
+    TrainInput,
+    TrainOutput,
+    UsageInput,
+)
+
+log = logging.getLogger(__name__)
+
+# Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
+NOT_ENOUGH_DATA = "NotEnoughData"
+BAD_TRAINING_INPUT = "BadTrainingInput"
+
+
+def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
+    return ApplicationError(str(exc), type=kind, non_retryable=True)
+
+
+class PersonalizationActivities:
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        store: ArtifactStore,
+        data_dir: Path,
+        progress_every_s: float = 2.0,
+    ) -> None:
+        """Build inside the worker's event loop: training threads report progress through it."""
+        self.sessionmaker = sessionmaker
+        self.store = store
+        self.data_dir = data_dir
+        self.progress_every_s = progress_every_s
+        self._loop = asyncio.get_running_loop()
+
+    def run_dir(self, tenant_id: str, run_id: str) -> Path:
+        return self.data_dir / "runs" / tenant_id / run_id
+
+    # --- run bookkeeping --------------------------------------------------------------------
+
+    @activity.defn
+    async def start_run(self, inp: StartRunInput) -> str:
+        """Mark the run running (creating its row for scheduled runs); returns the run id."""
+        async with self.sessionmaker() as session:
+            run = await session.get(TrainingRun, inp.run_id) if inp.run_id else None
+            if run is None:
+                run = TrainingRun(
+                    id=inp.run_id or new_id("run"),
+                    tenant_id=inp.tenant_id,
+                    trigger=inp.trigger,
+                    method=inp.method,
+                    workflow_id=inp.workflow_id,
+                )
+                session.add(run)
+            if run.status is RunStatus.queued:
+                run.status = RunStatus.running
+                run.started_at = _now()
+                session.add(_event(run, "info", "message", "run started", {"trigger": inp.trigger}))
+            await session.commit()
+            return run.id
+
+    @activity.defn
+    async def update_run(self, upd: RunUpdate) -> None:
+        async with self.sessionmaker() as session:
+            run = await session.get(TrainingRun, upd.run_id)
+            if run is None or run.tenant_id != upd.tenant_id:
+                raise ApplicationError(f"no run {upd.run_id}", non_retryable=True)
+            if upd.status is not None:
+                run.status = RunStatus(upd.status)
+                if run.status in (
+                    RunStatus.succeeded,
+                    RunStatus.failed,
+                    RunStatus.cancelled,
+                    RunStatus.skipped,
+                ):
+                    run.finished_at = _now()
+            if upd.reason is not None:
+                run.reason = upd.reason
+            if upd.dataset_id is not None:
+                run.dataset_id = upd.dataset_id
+            if upd.version_id is not None:
+                run.adapter_version_id = upd.version_id
+            if upd.message:
+                session.add(_event(run, upd.level, "message", upd.message, upd.data))
+            await session.commit()
+
+    async def _record_progress(self, tenant_id: str, run_id: str, p: trainer.TrainProgress) -> None:
+        data = {
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "loss": p.loss,
+            "eta_s": p.eta_s,
+            "elapsed_s": round(p.elapsed_s, 1),
+            **p.metrics,
+        }
+        async with self.sessionmaker() as session:
+            run = await session.get(TrainingRun, run_id)
+            if run is None:
+                return
+            run.progress = {k: v for k, v in data.items() if _finite(v)}
+            session.add(
+                _event(run, "info", "metrics", f"step {p.step}/{p.total_steps}", run.progress)
+            )
+            await session.commit()
+
+    # --- 1. compile ---------------------------------------------------------------------------
+
+    @activity.defn
+    async def compile_dataset(self, inp: CompileInput) -> CompileOutput:
+        """The tenant's feedback (joined with the interactions it rates) → JSONL datasets."""
+        async with self.sessionmaker() as session:
+            rows = await session.execute(
+                select(Feedback, Interaction)
+                .outerjoin(Interaction, Interaction.id == Feedback.interaction_id)
+                .where(Feedback.tenant_id == inp.tenant_id)
+                .order_by(Feedback.id)
+            )
+            records = [r for r in (_record(fb, it) for fb, it in rows) if r is not None]
+        try:
+            compiled = trainer.compile_feedback(records, min_records=inp.min_feedback)
+        except (trainer.NotEnoughData, trainer.OneSidedFeedback) as exc:
+            raise _business_error(exc, NOT_ENOUGH_DATA) from exc
+        out = self.run_dir(inp.tenant_id, inp.run_id) / "dataset"
+        trainer.write_jsonl(compiled, out)
+        card = compiled.card.to_dict()
+        async with self.sessionmaker() as session:
+            dataset = Dataset(
+                tenant_id=inp.tenant_id,
+                run_id=inp.run_id,
+                content_hash=card.get("content_hash", ""),
+                counts={k: v for k, v in card.items() if isinstance(v, int)},
+                data_card=card,
+                uri=str(out),
+            )
+            session.add(dataset)
+            await session.commit()
+        return CompileOutput(dataset_id=dataset.id, dataset_dir=str(out), counts=dataset.counts)
+
+    # --- 2. train -----------------------------------------------------------------------------
+
+    @activity.defn
+    def train_adapter(self, inp: TrainInput) -> TrainOutput:
+        """Train with heartbeats ``{step, checkpoint}``; a retried attempt resumes from the last
+        checkpoint. Runs in the worker's thread pool (torch releases the GIL)."""
+        info = activity.info()
+        details = info.heartbeat_details
+        resumed_from = int(details[0].get("step", 0)) if details else 0
+        o = inp.options
+        spec = trainer.TrainSpec(
+            base_model=o.base_model,
+            data=Path(inp.dataset_dir),
+            output_dir=self.run_dir(inp.tenant_id, inp.run_id) / "train",
+            data_dir=self.data_dir,
+            method=o.method,  # type: ignore[arg-type]  # validated by the policy model
+            rank=o.rank,
+            learning_rate=o.learning_rate,
+            max_steps=o.max_steps,
+            epochs=o.epochs,
+            batch_size=o.batch_size,
+            checkpoint_every=o.checkpoint_every,
+            seed=o.seed,
+            resume=True,
+        )
+        last_report = 0.0
+
+        def progress(p: trainer.TrainProgress) -> bool:
+            nonlocal last_report
+            activity.heartbeat({"step": p.step, "checkpoint": p.checkpoint})
+            now = time.monotonic()
+            if now - last_report >= self.progress_every_s or p.step == p.total_steps:
+                last_report = now
+                asyncio.run_coroutine_threadsafe(
+                    self._record_progress(inp.tenant_id, inp.run_id, p), self._loop
+                )
+            return not activity.is_cancelled()  # False: checkpoint and stop
+
+        activity.heartbeat({"step": resumed_from, "checkpoint": None})
+        try:
+            result = trainer.train(spec, progress=progress)
+        except trainer.TrainingCancelled:
+            raise  # the SDK reports it as the cancellation it is
+        except (
+            trainer.InvalidSpec,
+            trainer.TrainingDiverged,
+            trainer.NotEnoughData,
+            trainer.CorruptAdapter,
+        ) as exc:
+            raise _business_error(exc, BAD_TRAINING_INPUT) from exc
+        return TrainOutput(
+            adapter_dir=str(result.adapter_dir),
+            sha256=result.weights_sha256,
+            method=result.method,
+            steps=result.steps,
+            examples=result.num_examples,
+            tokens=_training_tokens(inp.dataset_dir, result.method, result.steps * o.batch_size),
+            resumed_from_step=resumed_from,
+            runtime_s=result.train_runtime_s,
+        )
+
+    # --- 3. evaluate --------------------------------------------------------------------------
+
+    @activity.defn
+    async def current_adapter(self, tenant_id: str) -> list[str]:
+        """``[version_id, adapter_dir]`` of the live version, or ``[]`` when base is served."""
+        async with self.sessionmaker() as session:
+            resolved = await registry.resolve_model(
+                session, self.store, tenant_id=tenant_id, model=registry.DEFAULT
+            )
+        if resolved.version is None or resolved.adapter is None:
+            return []
+        return [resolved.version.id, str(resolved.adapter.path)]
+
+    @activity.defn
+    def evaluate_adapter(self, inp: EvaluateInput) -> EvaluateOutput:
+        activity.heartbeat("evaluating")
+        try:
+            report = trainer.evaluate(
+                base_model=inp.options.base_model,
+                candidate=Path(inp.adapter_dir),
+                data=Path(inp.dataset_dir),
+                data_dir=self.data_dir,
+                current=Path(inp.current_adapter_dir) if inp.current_adapter_dir else None,
+                max_new_tokens=inp.options.eval_max_new_tokens,
+                current_label=inp.current_version_id or "base",
+            )
+        except trainer.CorruptAdapter as exc:
+            raise _business_error(exc, BAD_TRAINING_INPUT) from exc
+        return EvaluateOutput(report=report.to_dict(), current_version_id=inp.current_version_id)
+
+    # --- 4/5. register and promote ------------------------------------------------------------
+
+    @activity.defn
+    async def register_adapter(self, inp: RegisterInput) -> RegisterOutput:
+        """Publish the adapter to the store as a version (idempotent by weights) and check that
+        the stored copy loads; a rejected candidate is kept with its report and reason."""
+        try:
+            trainer.verify_adapter(Path(inp.adapter_dir))
+        except trainer.CorruptAdapter as exc:
+            raise _business_error(exc, BAD_TRAINING_INPUT) from exc
+        async with self.sessionmaker() as session:
+            version = await registry.register_adapter(
+                session,
+                self.store,
+                tenant_id=inp.tenant_id,
+                adapter_dir=Path(inp.adapter_dir),
+                base_model=inp.base_model,
+                run_id=inp.run_id,
+                eval_report=inp.report,
+            )
+            trainer.verify_adapter(self.store.path(version.uri), expected_sha256=version.sha256)
+            if not inp.accepted and version.status is AdapterStatus.candidate:
+                version.status = AdapterStatus.rejected
+                version.reason = inp.reason
+                await session.commit()
+            return RegisterOutput(version_id=version.id, serving_name=version.serving_name)
+
+    @activity.defn
+    async def promote_adapter(self, inp: PromoteInput) -> None:
+        async with self.sessionmaker() as session:
+            await registry.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
+
+    # --- 6. meter -----------------------------------------------------------------------------
+
+    @activity.defn
+    async def record_training_usage(self, inp: UsageInput) -> None:
+        async with self.sessionmaker() as session:
+            await record_usage(
+                session,
+                tenant_id=inp.tenant_id,
+                meter=TRAINING_TOKENS,
+                quantity=inp.tokens,
+                idempotency_key=f"training:{inp.run_id}",
+            )
+            await session.commit()
+
+    @activity.defn
+    def cleanup_run(self, tenant_id: str, run_id: str) -> None:
+        """Drop checkpoints once the adapter is in the store; the dataset stays (data card)."""
+        shutil.rmtree(self.run_dir(tenant_id, run_id) / "train" / "checkpoints", ignore_errors=True)
+
+    def all(self) -> list[Any]:
+        return [
+            self.start_run,
+            self.update_run,
+            self.compile_dataset,
+            self.train_adapter,
+            self.current_adapter,
+            self.evaluate_adapter,
+            self.register_adapter,
+            self.promote_adapter,
+            self.record_training_usage,
+            self.cleanup_run,
+        ]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def _event(run: TrainingRun, level: str, type_: str, message: str, data: Any) -> RunEvent:
+    return RunEvent(
+        tenant_id=run.tenant_id, run_id=run.id, level=level, type=type_, message=message, data=data
+    )
+
+
+def _record(fb: Feedback, interaction: Interaction | None) -> trainer.FeedbackRecord | None:
+    """A feedback row as the trainer's record; rows it cannot use are left out."""
+    completion: str | None
+    if interaction is not None:
+        messages, completion = interaction.messages, interaction.completion
+    elif fb.messages is not None:
+        messages, completion = fb.messages, fb.completion
+    else:
+        messages = [{"role": "user", "content": fb.prompt or ""}]
+        completion = fb.completion
+    try:
+        return trainer.FeedbackRecord(
+            messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+            completion=completion or "",
+            rating=fb.rating,
+            correction=fb.correction,
+            user_id=fb.user_id,
+            created_at=fb.created_at,
+            interaction_id=fb.interaction_id,
+            score=fb.score,
+        )
+    except trainer.InvalidFeedback:
+        return None
+
+
+def _training_tokens(dataset_dir: str, method: str, examples_seen: int) -> int:
+    """Tokens trained on, for metering: the mean whitespace-token count of a training row
+    times the rows the optimizer saw (tokenizer-independent, so meters agree across bases)."""
+    rows_file = Path(dataset_dir) / f"{method}_train.jsonl"
+    if not rows_file.is_file():
+        return 0
+    sizes = [len(line.split()) for line in rows_file.read_text().splitlines() if line.strip()]
+    return int(sum(sizes) / len(sizes) * examples_seen) if sizes else 0

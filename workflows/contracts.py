@@ -1,0 +1,189 @@
+"""Everything the API and the workers agree on: queue names, workflow ids, and one frozen
+dataclass in and one out for every workflow and activity. Importing this module pulls in
+nothing else of tuneloop, so the API can start workflows without the worker's stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CPU_QUEUE = "cpu"
+"""Database work, dataset compilation, registration, promotion, metering."""
+GPU_QUEUE = "gpu"
+"""Training and evaluation: one activity at a time per worker (one accelerator)."""
+
+PERSONALIZE_WORKFLOW = "PersonalizeTenant"
+APPROVE_SIGNAL = "approve"
+STATE_QUERY = "state"
+
+
+def personalize_workflow_id(tenant_id: str) -> str:
+    """One personalization run per tenant at a time: the id is the lock."""
+    return f"personalize/{tenant_id}"
+
+
+def schedule_id(tenant_id: str) -> str:
+    return f"personalize-schedule/{tenant_id}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run trains and decides; built from the tenant's policy when the run starts."""
+
+    base_model: str = "smollm2-135m-instruct"
+    method: str = "auto"
+    min_feedback: int = 8
+    max_steps: int | None = None
+    epochs: float = 2.0
+    rank: int = 16
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    checkpoint_every: int = 5
+    min_pref_improvement: float | None = 0.05
+    min_win_rate: float | None = None
+    max_regression_kl: float | None = 0.5
+    max_ppl_increase: float | None = 0.25
+    require_approval: bool = False
+    approval_timeout_s: float = 24 * 3600
+    heartbeat_timeout_s: float = 120.0
+    """A training step may take this long before a silent worker counts as lost."""
+    eval_max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PersonalizeInput:
+    tenant_id: str
+    run_id: str | None = None
+    """The ``training_runs`` row the API created; a scheduled run creates its own."""
+    trigger: str = "manual"
+    options: RunOptions = field(default_factory=RunOptions)
+
+
+@dataclass(frozen=True)
+class PersonalizeResult:
+    run_id: str
+    status: str  # succeeded | skipped | failed | cancelled
+    reason: str | None = None
+    version_id: str | None = None
+    promoted: bool = False
+
+
+@dataclass
+class RunState:
+    """What the ``state`` query returns while a run is in flight."""
+
+    run_id: str
+    stage: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    reason: str | None = None
+    version_id: str | None = None
+    approved_by: str | None = None
+
+
+@dataclass(frozen=True)
+class StartRunInput:
+    tenant_id: str
+    run_id: str | None
+    trigger: str
+    workflow_id: str
+    method: str
+
+
+@dataclass(frozen=True)
+class RunUpdate:
+    """A status change of a run, with an event for its log."""
+
+    tenant_id: str
+    run_id: str
+    status: str | None = None
+    message: str = ""
+    level: str = "info"
+    reason: str | None = None
+    dataset_id: str | None = None
+    version_id: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CompileInput:
+    tenant_id: str
+    run_id: str
+    min_feedback: int
+
+
+@dataclass(frozen=True)
+class CompileOutput:
+    dataset_id: str
+    dataset_dir: str
+    counts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainInput:
+    tenant_id: str
+    run_id: str
+    dataset_dir: str
+    options: RunOptions
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    adapter_dir: str
+    sha256: str
+    method: str
+    steps: int
+    examples: int
+    tokens: int
+    resumed_from_step: int
+    runtime_s: float
+
+
+@dataclass(frozen=True)
+class EvaluateInput:
+    tenant_id: str
+    run_id: str
+    dataset_dir: str
+    adapter_dir: str
+    options: RunOptions
+    current_version_id: str | None = None
+    """The live version the candidate must beat (None: the base model)."""
+    current_adapter_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateOutput:
+    report: dict[str, Any]
+    current_version_id: str | None
+
+
+@dataclass(frozen=True)
+class RegisterInput:
+    tenant_id: str
+    run_id: str
+    adapter_dir: str
+    base_model: str
+    report: dict[str, Any]
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegisterOutput:
+    version_id: str
+    serving_name: str
+
+
+@dataclass(frozen=True)
+class PromoteInput:
+    tenant_id: str
+    run_id: str
+    version_id: str
+
+
+@dataclass(frozen=True)
+class UsageInput:
+    tenant_id: str
+    run_id: str
+    tokens: int

@@ -1,0 +1,284 @@
+"""The ``PersonalizeTenant`` workflow: compile → train → evaluate → gate → register → promote →
+meter, one run per tenant at a time (the workflow id is ``personalize/<tenant>``).
+
+Deterministic only: no I/O, clocks or randomness here; everything else is an activity.
+Business outcomes (not enough data, gate rejected, approval timed out) end the run cleanly with
+a reason; infrastructure failures are retried by Temporal, and only exhausted retries fail it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from trainer.evaluation import EvalReport, GatePolicy, gate
+    from workflows.activities import (
+        BAD_TRAINING_INPUT,
+        NOT_ENOUGH_DATA,
+        PersonalizationActivities,
+    )
+    from workflows.contracts import (
+        APPROVE_SIGNAL,
+        CPU_QUEUE,
+        GPU_QUEUE,
+        PERSONALIZE_WORKFLOW,
+        STATE_QUERY,
+        CompileInput,
+        EvaluateInput,
+        PersonalizeInput,
+        PersonalizeResult,
+        PromoteInput,
+        RegisterInput,
+        RunState,
+        RunUpdate,
+        StartRunInput,
+        TrainInput,
+        UsageInput,
+        personalize_workflow_id,
+    )
+
+A = PersonalizationActivities
+QUICK = timedelta(minutes=2)
+RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+@workflow.defn(name=PERSONALIZE_WORKFLOW)
+class PersonalizeTenant:
+    def __init__(self) -> None:
+        self._state: RunState | None = None
+
+    @workflow.query(name=STATE_QUERY)
+    def state(self) -> RunState | None:
+        return self._state
+
+    @workflow.signal(name=APPROVE_SIGNAL)
+    def approve(self, who: str) -> None:
+        if self._state is not None:
+            self._state.approved_by = who or "admin"
+
+    @workflow.run
+    async def run(self, inp: PersonalizeInput) -> PersonalizeResult:
+        o = inp.options
+        run_id = await workflow.execute_activity_method(
+            A.start_run,
+            StartRunInput(
+                inp.tenant_id,
+                inp.run_id,
+                inp.trigger,
+                personalize_workflow_id(inp.tenant_id),
+                o.method,
+            ),
+            task_queue=CPU_QUEUE,
+            start_to_close_timeout=QUICK,
+            retry_policy=RETRY,
+        )
+        self._state = RunState(run_id=run_id)
+        try:
+            return await self._run(inp, run_id)
+        except (asyncio.CancelledError, CancelledError):
+            # Record the outcome (activities still run after a cancel request), then let the
+            # cancellation stand so Temporal shows the workflow as cancelled.
+            await self._finish(inp, run_id, "cancelled", "cancelled by request")
+            raise
+        except ActivityError as err:
+            if isinstance(err.cause, CancelledError):  # the activity stopped for the cancel
+                await self._finish(inp, run_id, "cancelled", "cancelled by request")
+                raise
+            return await self._finish(inp, run_id, "failed", _cause(err), level="error")
+
+    async def _run(self, inp: PersonalizeInput, run_id: str) -> PersonalizeResult:
+        o, tenant = inp.options, inp.tenant_id
+        assert self._state is not None
+        self._state.stage = "compiling"
+        try:
+            compiled = await workflow.execute_activity_method(
+                A.compile_dataset,
+                CompileInput(tenant, run_id, o.min_feedback),
+                task_queue=CPU_QUEUE,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=RETRY,
+            )
+        except ActivityError as err:
+            if _is(err, NOT_ENOUGH_DATA):
+                return await self._finish(inp, run_id, "skipped", _cause(err))
+            raise
+        await self._update(
+            RunUpdate(
+                tenant,
+                run_id,
+                dataset_id=compiled.dataset_id,
+                message="dataset compiled",
+                data=compiled.counts,
+            )
+        )
+
+        self._state.stage = "training"
+        try:
+            trained = await workflow.execute_activity_method(
+                A.train_adapter,
+                TrainInput(tenant, run_id, compiled.dataset_dir, o),
+                task_queue=GPU_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5),
+            )
+        except ActivityError as err:
+            if _is(err, BAD_TRAINING_INPUT):
+                return await self._finish(inp, run_id, "failed", _cause(err), level="error")
+            raise
+        await self._update(
+            RunUpdate(
+                tenant,
+                run_id,
+                message=f"trained {trained.method} adapter in {trained.steps} steps",
+                data={
+                    "steps": trained.steps,
+                    "runtime_s": trained.runtime_s,
+                    "resumed_from_step": trained.resumed_from_step,
+                },
+            )
+        )
+
+        self._state.stage = "evaluating"
+        current = await self._activity(A.current_adapter, tenant)
+        evaluated = await workflow.execute_activity_method(
+            A.evaluate_adapter,
+            EvaluateInput(
+                tenant,
+                run_id,
+                compiled.dataset_dir,
+                trained.adapter_dir,
+                o,
+                *(current or [None, None]),
+            ),
+            task_queue=GPU_QUEUE,
+            start_to_close_timeout=timedelta(hours=2),
+            heartbeat_timeout=timedelta(seconds=max(o.heartbeat_timeout_s, 600)),
+            retry_policy=RETRY,
+        )
+        policy = GatePolicy(
+            min_pref_improvement=o.min_pref_improvement,
+            min_win_rate=o.min_win_rate,
+            max_regression_kl=o.max_regression_kl,
+            max_ppl_increase=o.max_ppl_increase,
+        )
+        decision = gate(EvalReport.from_dict(evaluated.report), policy)
+
+        self._state.stage = "registering"
+        registered = await workflow.execute_activity_method(
+            A.register_adapter,
+            RegisterInput(
+                tenant,
+                run_id,
+                trained.adapter_dir,
+                o.base_model,
+                evaluated.report,
+                decision.promote,
+                decision.reason,
+            ),
+            task_queue=CPU_QUEUE,
+            start_to_close_timeout=timedelta(minutes=10),
+            retry_policy=RETRY,
+        )
+        self._state.version_id = registered.version_id
+        await self._activity(A.record_training_usage, UsageInput(tenant, run_id, trained.tokens))
+        await self._activity(A.cleanup_run, tenant, run_id)
+        if not decision.promote:
+            return await self._finish(
+                inp,
+                run_id,
+                "succeeded",
+                f"not promoted: {decision.reason}",
+                version_id=registered.version_id,
+            )
+
+        if o.require_approval:
+            self._state.stage = "awaiting_approval"
+            await self._update(
+                RunUpdate(
+                    tenant,
+                    run_id,
+                    version_id=registered.version_id,
+                    message="waiting for an admin to approve promotion",
+                )
+            )
+            try:
+                await workflow.wait_condition(
+                    lambda: self._state is not None and self._state.approved_by is not None,
+                    timeout=timedelta(seconds=o.approval_timeout_s),
+                )
+            except TimeoutError:
+                return await self._finish(
+                    inp,
+                    run_id,
+                    "succeeded",
+                    "not promoted: approval timed out",
+                    version_id=registered.version_id,
+                )
+
+        self._state.stage = "promoting"
+        await self._activity(A.promote_adapter, PromoteInput(tenant, run_id, registered.version_id))
+        return await self._finish(
+            inp,
+            run_id,
+            "succeeded",
+            f"promoted: {decision.reason}",
+            version_id=registered.version_id,
+            promoted=True,
+        )
+
+    async def _activity(self, fn: Any, *args: Any) -> Any:
+        return await workflow.execute_activity_method(
+            fn,
+            args=list(args),
+            task_queue=CPU_QUEUE,
+            start_to_close_timeout=QUICK,
+            retry_policy=RETRY,
+        )
+
+    async def _update(self, upd: RunUpdate) -> None:
+        await self._activity(A.update_run, upd)
+
+    async def _finish(
+        self,
+        inp: PersonalizeInput,
+        run_id: str,
+        status: str,
+        reason: str,
+        *,
+        version_id: str | None = None,
+        promoted: bool = False,
+        level: str = "info",
+    ) -> PersonalizeResult:
+        if self._state is not None:
+            self._state.stage, self._state.reason = status, reason
+        await self._update(
+            RunUpdate(
+                inp.tenant_id,
+                run_id,
+                status=status,
+                reason=reason,
+                version_id=version_id,
+                level=level,
+                message=f"run {status}: {reason}",
+            )
+        )
+        return PersonalizeResult(run_id, status, reason, version_id, promoted)
+
+
+def _is(err: ActivityError, kind: str) -> bool:
+    return isinstance(err.cause, ApplicationError) and err.cause.type == kind
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost message: what actually went wrong, for the run's reason."""
+    cause: BaseException | None = err
+    while getattr(cause, "cause", None) is not None:
+        cause = getattr(cause, "cause", None)
+    return str(cause or err)

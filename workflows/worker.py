@@ -1,0 +1,95 @@
+"""Worker entry point: polls the ``cpu`` and/or ``gpu`` task queues until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from core.artifacts import ArtifactStore
+from core.db import create_engine, create_sessionmaker
+from core.settings import Settings
+from workflows.activities import PersonalizationActivities
+from workflows.contracts import CPU_QUEUE, GPU_QUEUE
+from workflows.personalize import PersonalizeTenant
+
+log = logging.getLogger(__name__)
+
+QUEUES = {"cpu": (CPU_QUEUE,), "gpu": (GPU_QUEUE,), "all": (CPU_QUEUE, GPU_QUEUE)}
+
+
+def build_workers(
+    client: Client, activities: PersonalizationActivities, queues: Iterable[str]
+) -> list[Worker]:
+    workers = []
+    a = activities
+    # Running activities get this long to finish on shutdown; training checkpoints and stops
+    # when cancelled, so a retried attempt on another worker resumes from there.
+    grace = timedelta(seconds=30)
+    if CPU_QUEUE in queues:
+        workers.append(
+            Worker(
+                client,
+                task_queue=CPU_QUEUE,
+                workflows=[PersonalizeTenant],
+                activities=[
+                    a.start_run,
+                    a.update_run,
+                    a.compile_dataset,
+                    a.current_adapter,
+                    a.register_adapter,
+                    a.promote_adapter,
+                    a.record_training_usage,
+                    a.cleanup_run,
+                ],
+                activity_executor=ThreadPoolExecutor(max_workers=2),
+                graceful_shutdown_timeout=grace,
+            )
+        )
+    if GPU_QUEUE in queues:
+        # One accelerator, one job: training and evaluation never share it.
+        workers.append(
+            Worker(
+                client,
+                task_queue=GPU_QUEUE,
+                activities=[a.train_adapter, a.evaluate_adapter],
+                activity_executor=ThreadPoolExecutor(max_workers=1),
+                max_concurrent_activities=1,
+                graceful_shutdown_timeout=grace,
+            )
+        )
+    return workers
+
+
+async def run_worker(
+    settings: Settings, *, queue: str, stop: asyncio.Event, client: Client | None = None
+) -> None:
+    """Run until ``stop`` is set, then shut down gracefully."""
+    if client is None:
+        if not settings.temporal_address:
+            raise RuntimeError(
+                "TEMPORAL_ADDRESS is not set: point it at a Temporal frontend, "
+                "or use `tuneloop up`, which starts a dev server"
+            )
+        client = await Client.connect(settings.temporal_address)
+    engine = create_engine(settings)
+    activities = PersonalizationActivities(
+        sessionmaker=create_sessionmaker(engine),
+        store=ArtifactStore(settings.data_dir / "artifacts"),
+        data_dir=settings.data_dir,
+    )
+    try:
+        async with AsyncExitStack() as stack:
+            for worker in build_workers(client, activities, QUEUES[queue]):
+                await stack.enter_async_context(worker)
+            log.info("worker polling %s", ", ".join(QUEUES[queue]))
+            await stop.wait()
+            log.info("worker stopping")
+    finally:
+        await engine.dispose()

@@ -183,9 +183,6 @@ class PersonalizationActivities:
     def train_adapter(self, inp: TrainInput) -> TrainOutput:
         """Train with heartbeats ``{step, checkpoint}``; a retried attempt resumes from the last
         checkpoint. Runs in the worker's thread pool (torch releases the GIL)."""
-        info = activity.info()
-        details = info.heartbeat_details
-        resumed_from = int(details[0].get("step", 0)) if details else 0
         o = inp.options
         spec = trainer.TrainSpec(
             base_model=o.base_model,
@@ -215,7 +212,7 @@ class PersonalizationActivities:
                 )
             return not activity.is_cancelled()  # False: checkpoint and stop
 
-        activity.heartbeat({"step": resumed_from, "checkpoint": None})
+        activity.heartbeat({"step": 0, "checkpoint": None})
         try:
             result = trainer.train(spec, progress=progress)
         except trainer.TrainingCancelled:
@@ -234,7 +231,8 @@ class PersonalizationActivities:
             steps=result.steps,
             examples=result.num_examples,
             tokens=_training_tokens(inp.dataset_dir, result.method, result.steps * o.batch_size),
-            resumed_from_step=resumed_from,
+            # The trainer's own word on where it continued (``checkpoints/checkpoint-<step>``).
+            resumed_from_step=int(str(result.metrics.get("resumed_from") or "-0").rsplit("-")[-1]),
             runtime_s=result.train_runtime_s,
         )
 

@@ -7,17 +7,30 @@ the worker's stack (torch, TRL) to start a run.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import asdict
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    WorkflowHandle,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.errors import NotFound, Unavailable
-from core.models import RunStatus, Tenant, TrainingRun
+from core.models import Feedback, RunStatus, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
 from workflows.contracts import (
     CPU_QUEUE,
@@ -25,9 +38,13 @@ from workflows.contracts import (
     PersonalizeInput,
     RunOptions,
     personalize_workflow_id,
+    schedule_id,
 )
 
+log = logging.getLogger(__name__)
+
 ACTIVE = (RunStatus.queued, RunStatus.running)
+AUTO_CHECK_EVERY_S = 5.0
 
 
 class Orchestrator:
@@ -36,6 +53,7 @@ class Orchestrator:
         self.base_model = base_model
         self._client: Client | None = None
         self._lock = asyncio.Lock()
+        self._checked: dict[str, float] = {}
 
     async def client(self) -> Client:
         if self.address is None:
@@ -84,6 +102,9 @@ class Orchestrator:
         tenant = await session.get(Tenant, tenant_id)
         if tenant is None:
             raise NotFound(f"no tenant {tenant_id!r}")
+        running = await self._active_run(session, tenant_id)
+        if running is not None:  # e.g. a scheduled run, whose workflow id differs
+            return running, False
         opts = options or self.options(policy_of(tenant.policy), method)
         workflow_id = personalize_workflow_id(tenant_id)
         run = TrainingRun(
@@ -103,12 +124,7 @@ class Orchestrator:
         except WorkflowAlreadyStartedError:
             await session.delete(run)
             await session.commit()
-            running = await session.scalar(
-                select(TrainingRun)
-                .where(TrainingRun.tenant_id == tenant_id, TrainingRun.status.in_(ACTIVE))
-                .order_by(TrainingRun.id.desc())
-                .limit(1)
-            )
+            running = await self._active_run(session, tenant_id)
             if running is None:
                 raise Unavailable("a run for this tenant is starting; retry in a moment") from None
             return running, False
@@ -117,6 +133,86 @@ class Orchestrator:
             await session.commit()
             raise Unavailable(f"Temporal refused the run: {exc.message}") from exc
         return run, True
+
+    @staticmethod
+    async def _active_run(session: AsyncSession, tenant_id: str) -> TrainingRun | None:
+        run: TrainingRun | None = await session.scalar(
+            select(TrainingRun)
+            .where(TrainingRun.tenant_id == tenant_id, TrainingRun.status.in_(ACTIVE))
+            .order_by(TrainingRun.id.desc())
+            .limit(1)
+        )
+        return run
+
+    async def sync_schedule(self, tenant_id: str, policy: TrainingPolicy) -> None:
+        """Create, update or delete the tenant's Temporal Schedule to match ``policy.schedule``."""
+        client = await self.client()
+        handle = client.get_schedule_handle(schedule_id(tenant_id))
+        if policy.schedule is None:
+            try:
+                await handle.delete()
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+            return
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(
+                PERSONALIZE_WORKFLOW,
+                PersonalizeInput(
+                    tenant_id=tenant_id, trigger="schedule", options=self.options(policy)
+                ),
+                # Temporal appends the fire time to this id; start_run enforces one run per
+                # tenant across manual and scheduled runs.
+                id=personalize_workflow_id(tenant_id),
+                task_queue=CPU_QUEUE,
+            ),
+            spec=ScheduleSpec(cron_expressions=[policy.schedule]),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        try:
+            await client.create_schedule(schedule_id(tenant_id), schedule)
+        except ScheduleAlreadyRunningError:
+            await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
+
+    async def maybe_auto_start(self, sessionmaker: Any, tenant_id: str) -> None:
+        """Start a run when ``auto_train_after`` feedback items arrived since the last run.
+
+        Called after feedback is stored, off the request path; checks at most every few
+        seconds per tenant and process, so a burst of feedback costs one query.
+        """
+        now = time.monotonic()
+        if self.address is None or now - self._checked.get(tenant_id, 0.0) < AUTO_CHECK_EVERY_S:
+            return
+        self._checked[tenant_id] = now
+        async with sessionmaker() as session:
+            tenant = await session.get(Tenant, tenant_id)
+            policy = policy_of(tenant.policy) if tenant is not None else None
+            if policy is None or policy.auto_train_after is None:
+                return
+            last = await session.scalar(
+                select(func.max(TrainingRun.created_at)).where(TrainingRun.tenant_id == tenant_id)
+            )
+            query = (
+                select(func.count()).select_from(Feedback).where(Feedback.tenant_id == tenant_id)
+            )
+            if last is not None:
+                query = query.where(Feedback.created_at > last)
+            fresh = int(await session.scalar(query) or 0)
+            if fresh >= policy.auto_train_after:
+                try:
+                    run, started = await self.start_run(
+                        session, tenant_id=tenant_id, trigger="feedback"
+                    )
+                except (Unavailable, RPCError) as exc:
+                    log.warning("auto-start for %s failed: %s", tenant_id, exc)
+                    return
+                if started:
+                    log.info(
+                        "started run %s for %s after %d new feedback items",
+                        run.id,
+                        tenant_id,
+                        fresh,
+                    )
 
     async def handle(self, run: TrainingRun) -> WorkflowHandle[object, object]:
         client = await self.client()

@@ -29,6 +29,30 @@ MAX_METADATA_BYTES = 8 * 1024
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: unknown fields are refused, and so is the NUL character,
+    which PostgreSQL cannot store in text or JSON (it would be a 500 instead of a 4xx)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _has_nul(data):
+            raise PydanticCustomError("nul_character", "text must not contain NUL (\\u0000)")
+        return data
+
+
 T = TypeVar("T")
 
 
@@ -42,14 +66,12 @@ class ListOf(BaseModel, Generic[T]):
 # --- tenants and keys -----------------------------------------------------------------------------
 
 
-class TenantCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TenantCreate(RequestModel):
     slug: str = Field(min_length=1, max_length=63, examples=["acme"])
     name: str | None = Field(default=None, max_length=200)
 
 
-class TenantPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TenantPatch(RequestModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     status: TenantStatus | None = None
 
@@ -67,8 +89,7 @@ class TenantOut(BaseModel):
         return cls(id=t.id, slug=t.slug, name=t.name, status=t.status, created_at=t.created_at)
 
 
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KeyCreate(RequestModel):
     role: Literal["admin", "product"]
     name: str = Field(default="", max_length=200)
 
@@ -127,11 +148,9 @@ class Message(BaseModel):
     name: str | None = Field(default=None, max_length=256)
 
 
-class FeedbackItem(BaseModel):
+class FeedbackItem(RequestModel):
     """One thumbs-up/down. Name an ``interaction_id`` the tenant got from an answer, or give the
     conversation inline (``messages`` or ``prompt``) plus the ``completion`` that was rated."""
-
-    model_config = ConfigDict(extra="forbid")
 
     rating: Rating = Field(description="'up' / 'down', or 1 / -1")
     interaction_id: str | None = Field(default=None, max_length=40)
@@ -155,6 +174,29 @@ class FeedbackItem(BaseModel):
                 "metadata_too_large", f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        return data  # checked field by field in _checked_text: the ingest path is hot
+
+    @model_validator(mode="after")
+    def _checked_text(self) -> FeedbackItem:
+        texts = [
+            self.prompt,
+            self.completion,
+            self.comment,
+            self.correction,
+            self.user_id,
+            self.idempotency_key,
+            self.interaction_id,
+        ]
+        texts += [m.content for m in self.messages or ()]
+        if any(t is not None and "\x00" in t for t in texts) or (
+            self.metadata is not None and _has_nul(self.metadata)
+        ):
+            raise PydanticCustomError("nul_character", "text must not contain NUL (\\u0000)")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> FeedbackItem:
@@ -193,8 +235,12 @@ class FeedbackItem(BaseModel):
         )
 
 
-class FeedbackBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackBatch(RequestModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        return data  # each item checks its own text
+
     items: list[FeedbackItem] = Field(min_length=1, max_length=MAX_BATCH)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.schemas import MAX_TEXT, Message
+from api.schemas import MAX_TEXT, Message, RequestModel
 
 MAX_TOKENS = 2048
 # Parameters clients send that tuneloop cannot honour: refused, rather than silently ignored.
@@ -25,9 +25,9 @@ UNSUPPORTED = (
 )
 
 
-class _Sampling(BaseModel):
+class _Sampling(RequestModel):
     # Unknown harmless fields (user, presence_penalty=0, ...) are accepted and ignored, as
-    # OpenAI clients send them; the unsupported ones are refused in ``_refuse_unsupported``.
+    # OpenAI clients send them; the unsupported ones are refused in ``refuse_unsupported``.
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=128, description="'default', 'base' or a version")

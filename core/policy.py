@@ -38,6 +38,8 @@ class TrainingPolicy(BaseModel):
     def _cron(cls, value: str | None) -> str | None:
         if value is None or value.strip() == "":
             return None
+        if not value.isprintable():
+            raise ValueError("schedule must be printable text, like '0 3 * * *'")
         if len(value.split()) != 5:
             raise ValueError("schedule must be a 5-field cron expression like '0 3 * * *'")
         return " ".join(value.split())

@@ -246,11 +246,16 @@ def _finish(tok: Any, ids: list[int], request: GenerationRequest) -> Choice:
         finish = "stop"
     if len(ids) > request.max_tokens:
         ids, finish = ids[: request.max_tokens], "length"
-    text = tok.decode(ids, skip_special_tokens=True)
+    text = _clean(tok.decode(ids, skip_special_tokens=True))
     for stop in request.stop:
         if stop and stop in text:
             text, finish = text[: text.index(stop)], "stop"
     return Choice(text=text, finish_reason=finish, completion_tokens=len(ids))
+
+
+def _clean(text: str) -> str:
+    # A byte-level model can emit NUL; no client wants it and PostgreSQL cannot store it.
+    return text.replace("\x00", "")
 
 
 class _Streamer:
@@ -274,7 +279,7 @@ class _Streamer:
         if self.tok.eos_token_id in self.ids:
             self.ids = self.ids[: self.ids.index(self.tok.eos_token_id)]
             self.stopped = True
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = _clean(self.tok.decode(self.ids, skip_special_tokens=True))
         for stop in self.stop:
             if stop and stop in text:
                 text, self.stopped = text[: text.index(stop)], True

@@ -208,6 +208,36 @@ def worker(
         raise _fail(str(exc)) from None
 
 
+@app.command("up")
+def up(
+    host: Annotated[str | None, typer.Option(help="API bind address [TUNELOOP_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="API port [TUNELOOP_PORT]")] = None,
+    temporal_port: Annotated[
+        int, typer.Option(help="dev server port (no TEMPORAL_ADDRESS)")
+    ] = 7233,
+) -> None:
+    """Everything on this machine: Temporal dev server, API, a worker on both queues and the
+    local serving backend (SQLite in the data dir unless DATABASE_URL is set). Ctrl-C stops."""
+    from tuneloop.stack import embedded_stack
+
+    settings: ApiSettings = _settings(ApiSettings, host=host, port=port)
+
+    async def main() -> None:
+        async with embedded_stack(settings, temporal_port=temporal_port) as stack:
+            typer.echo(f"API        {stack.api_url}  (OpenAPI: {stack.api_url}/docs)")
+            typer.echo(
+                f"Temporal   {stack.temporal_address}"
+                + (f"  (UI: {stack.temporal_ui})" if stack.temporal_ui else "")
+            )
+            typer.echo("create a tenant: tuneloop tenants create SLUG   |   Ctrl-C stops")
+            await _stop_on_signals().wait()
+
+    try:
+        asyncio.run(main())
+    except (DomainError, RuntimeError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command("demo")
 def demo() -> None:
     """Bring tuneloop up on the embedded defaults and run the main job end to end."""

@@ -1,142 +1,229 @@
-"""``tuneloop demo``: the main job on the embedded defaults.
+"""``tuneloop demo``: the whole loop on the embedded stack, through the public API.
 
-At this stage of the project it brings the API up on SQLite, creates a demo tenant through the
-platform API, posts a batch of product feedback through HTTP (twice, to show that retries are
-idempotent) and prints the tenant's feedback statistics. Later stages grow it into the whole loop.
+Two tenants share the base model (SmolLM2-135M-Instruct by default). Their simulated users like
+different things: ``concise`` likes answers under 40 words, ``detailed`` over 80. For each tenant
+the demo sends real traffic to ``/v1/chat/completions``, posts the users' thumbs to
+``/v1/feedback``, starts a personalization run (Temporal: compile → train → evaluate → gate →
+promote), and finally asks held-out questions again, before vs after, judged by the same users.
+
+SmolLM2 answers at length whatever the system prompt says, so to give the users real choices
+half the sampled answers are drawn with "Answer in one short sentence." appended; their thumbs are
+recorded against the plain question (inline feedback), the others by interaction id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import time
 from typing import Any
 
 import httpx
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from api.app import create_app
 from core.db import create_engine, create_sessionmaker
 from core.keys import create_key
 from core.models import KeyRole
 from core.settings import ApiSettings
+from trainer.simulated_users import DEMO_PROMPTS, PERSONAS
 from tuneloop.runtime import ensure_schema
+from tuneloop.stack import embedded_stack, free_port
 
-PROMPTS = [
-    "How do I reset my password?",
-    "Can I export my invoices as CSV?",
-    "What does the Pro plan include?",
-    "How do I add a teammate to my workspace?",
-    "Why was my card declined?",
-    "Where can I change the billing email?",
-]
-SHORT = "Open Settings, choose {topic}, and follow the two prompts."
-LONG = (
-    "Great question! There are a few things to know about {topic}. First, open the Settings "
-    "page from the menu in the top right corner. Then look for the section called {topic}, "
-    "where you will find every option together with a short explanation of what it does."
-)
+TENANTS = ("concise", "detailed")
+HINT = " Answer in one short sentence."
+TRAIN_PROMPTS = list(DEMO_PROMPTS[:12])
+HELD_OUT = list(DEMO_PROMPTS[-6:])
+POLICY = {"min_feedback": 16, "max_steps": 8, "rank": 8, "epochs": 1}
+FINISHED = ("succeeded", "failed", "cancelled", "skipped")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+async def _operator_key(settings: ApiSettings) -> str:
+    engine = create_engine(settings)
+    try:
+        await ensure_schema(engine, settings)
+        async with create_sessionmaker(engine)() as session:
+            issued = await create_key(session, tenant_id=None, role=KeyRole.platform, name="demo")
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return issued.secret
 
 
-def sample_feedback(n: int, *, seed: int = 7) -> list[dict[str, Any]]:
-    """Simulated thumbs from users who prefer short answers (~80% agreement)."""
-    rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        prompt = rng.choice(PROMPTS)
-        long = rng.random() < 0.5
-        topic = prompt.split()[-1].rstrip("?")
-        likes = (not long) if rng.random() < 0.8 else long
-        items.append(
-            {
-                "prompt": prompt,
-                "completion": (LONG if long else SHORT).format(topic=topic),
-                "rating": "up" if likes else "down",
-                "user_id": f"user-{rng.randrange(40)}",
-                "idempotency_key": f"demo-{seed}-{i}",
-            }
-        )
-    return items
+async def _chat(
+    http: httpx.AsyncClient, key: str, question: str, *, n: int, temperature: float
+) -> dict[str, Any]:
+    r = await http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "default",
+            "messages": [{"role": "user", "content": question}],
+            "n": n,
+            "temperature": temperature,
+            "max_tokens": 96,
+        },
+    )
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def _traffic_and_thumbs(
+    http: httpx.AsyncClient, tenant: str, keys: dict[str, str], console: Console
+) -> dict[str, int]:
+    persona = PERSONAS[tenant]
+    asks = [(q, q + hint) for q in TRAIN_PROMPTS for hint in ("", HINT)]
+    answers = await asyncio.gather(
+        *(_chat(http, keys["product"], asked, n=2, temperature=0.8) for _, asked in asks)
+    )
+    items: list[dict[str, Any]] = []
+    for (question, asked), answer in zip(asks, answers, strict=True):
+        for choice in answer["choices"]:
+            rating = persona.rate(choice["message"]["content"])
+            if asked == question:  # rate the served answer by its interaction id
+                items.append({"interaction_id": choice["interaction_id"], "rating": rating})
+            else:
+                items.append(
+                    {
+                        "prompt": question,
+                        "completion": choice["message"]["content"],
+                        "rating": rating,
+                        "metadata": {"sampled_with_hint": True},
+                    }
+                )
+            items[-1]["user_id"] = f"{tenant}-user-{len(items) % 7}"
+    r = await http.post(
+        "/v1/feedback",
+        headers={"Authorization": f"Bearer {keys['product']}"},
+        json={"items": items},
+    )
+    r.raise_for_status()
+    ups = sum(1 for i in items if i["rating"] > 0)
+    console.print(
+        f"  {tenant}: {len(answers) * 2} answers served, {len(items)} thumbs "
+        f"({ups} up, {len(items) - ups} down)"
+    )
+    return {"thumbs": len(items), "up": ups}
+
+
+async def _judge_share(http: httpx.AsyncClient, tenant: str, key: str) -> tuple[float, list[str]]:
+    persona = PERSONAS[tenant]
+    answers = await asyncio.gather(*(_chat(http, key, q, n=1, temperature=0) for q in HELD_OUT))
+    texts = [a["choices"][0]["message"]["content"] for a in answers]
+    return sum(persona.likes(t) for t in texts) / len(texts), texts
+
+
+async def _follow(
+    http: httpx.AsyncClient, runs: dict[str, tuple[str, dict[str, str]]], console: Console
+) -> dict[str, dict[str, Any]]:
+    """Poll every run, printing stage changes and training progress, until all finish."""
+    last: dict[str, str] = {}
+    done: dict[str, dict[str, Any]] = {}
+    while len(done) < len(runs):
+        for tenant, (run_id, keys) in runs.items():
+            if tenant in done:
+                continue
+            run = (
+                await http.get(
+                    f"/v1/runs/{run_id}", headers={"Authorization": f"Bearer {keys['admin']}"}
+                )
+            ).json()
+            p = run.get("progress") or {}
+            line = run["status"]
+            if p.get("step"):
+                line += f", step {p['step']}/{p.get('total_steps')}"
+                if p.get("loss") is not None:
+                    line += f", loss {p['loss']:.3f}"
+            if line != last.get(tenant):
+                console.print(f"  {tenant}: {line}")
+                last[tenant] = line
+            if run["status"] in FINISHED:
+                done[tenant] = run
+        await asyncio.sleep(2)
+    return done
 
 
 async def _demo(settings: ApiSettings, console: Console) -> None:
-    engine = create_engine(settings)
-    await ensure_schema(engine, settings)
-    async with create_sessionmaker(engine)() as session:
-        operator = await create_key(session, tenant_id=None, role=KeyRole.platform, name="demo")
-        await session.commit()
-
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning"
+    started = time.monotonic()
+    operator = await _operator_key(settings)
+    settings = settings.model_copy(update={"port": free_port()})
+    async with embedded_stack(settings, temporal_port=free_port(), ui_port=free_port()) as stack:
+        console.print(
+            f"[bold]tuneloop is up[/]: API {stack.api_url}, Temporal "
+            f"{stack.temporal_address}, base model {settings.base_model}"
         )
-    )
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            await serving
-            raise RuntimeError("the API did not start")
-        await asyncio.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    console.print(f"[bold]API up[/] at {base} (database: {settings.sqlalchemy_url})")
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            slug = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-            r = await http.post(
-                "/v1/tenants",
-                json={"slug": slug, "name": "Demo Inc."},
-                headers={"Authorization": f"Bearer {operator.secret}"},
-            )
-            r.raise_for_status()
-            created = r.json()
-            product = {"Authorization": f"Bearer {created['product_key']['key']}"}
-            admin = {"Authorization": f"Bearer {created['admin_key']['key']}"}
-            console.print(f"created tenant [bold]{slug}[/] ({created['tenant']['id']})")
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=600) as http:
+            keys: dict[str, dict[str, str]] = {}
+            stamp = time.strftime("%H%M%S")
+            for tenant in TENANTS:
+                r = await http.post(
+                    "/v1/tenants",
+                    headers={"Authorization": f"Bearer {operator}"},
+                    json={"slug": f"{tenant}-{stamp}", "name": f"{tenant} users"},
+                )
+                r.raise_for_status()
+                body = r.json()
+                keys[tenant] = {
+                    "admin": body["admin_key"]["key"],
+                    "product": body["product_key"]["key"],
+                }
+                r = await http.put(
+                    "/v1/policy",
+                    json=POLICY,
+                    headers={"Authorization": f"Bearer {keys[tenant]['admin']}"},
+                )
+                r.raise_for_status()
 
-            items = sample_feedback(400)
-            started = time.perf_counter()
-            r = await http.post("/v1/feedback", json={"items": items}, headers=product)
-            r.raise_for_status()
-            took = time.perf_counter() - started
+            console.print("[bold]1. before[/]: held-out questions answered by the base model")
+            before = {t: await _judge_share(http, t, keys[t]["product"]) for t in TENANTS}
             console.print(
-                f"posted {len(items)} feedback items in one batch: "
-                f"{r.json()['created']} stored in {took * 1000:.0f} ms"
+                "[bold]2. traffic and thumbs[/] through /v1/chat/completions and /v1/feedback"
             )
-            r = await http.post("/v1/feedback", json={"items": items}, headers=product)
-            r.raise_for_status()
+            for tenant in TENANTS:
+                await _traffic_and_thumbs(http, tenant, keys[tenant], console)
             console.print(
-                f"posted the same batch again (a client retry): {r.json()['created']} "
-                f"stored, {r.json()['replayed']} recognised as already stored"
+                "[bold]3. personalization runs[/] (compile → train → evaluate → gate → promote)"
             )
+            runs = {}
+            for tenant in TENANTS:
+                r = await http.post(
+                    "/v1/runs",
+                    json={},
+                    headers={"Authorization": f"Bearer {keys[tenant]['admin']}"},
+                )
+                r.raise_for_status()
+                runs[tenant] = (r.json()["id"], keys[tenant])
+            finished = await _follow(http, runs, console)
+            console.print("[bold]4. after[/]: the same held-out questions, now served by `default`")
+            after = {t: await _judge_share(http, t, keys[t]["product"]) for t in TENANTS}
+            cross = {}
+            for tenant, other in zip(TENANTS, reversed(TENANTS), strict=True):
+                version = finished[other].get("adapter_version_id")
+                if version and finished[other]["reason"].startswith("promoted"):
+                    # Ask the other tenant's key: the only way to use its adapter.
+                    share, _ = await _judge_share(http, tenant, keys[other]["product"])
+                    cross[tenant] = share
 
-            stats = (await http.get("/v1/feedback/stats", params={"days": 7}, headers=admin)).json()
-    finally:
-        server.should_exit = True
-        await serving
-        await engine.dispose()
-
-    table = Table(title=f"feedback for {slug} (last 7 days)")
-    for col in ("date", "total", "up", "down", "up-rate"):
-        table.add_column(col, justify="right")
-    for day in stats["days"]:
-        rate = "-" if day["up_rate"] is None else f"{day['up_rate']:.0%}"
-        table.add_row(day["date"], str(day["total"]), str(day["up"]), str(day["down"]), rate)
-    console.print(table)
-    console.print(f"total {stats['total']}, up-rate {stats['up_rate']:.0%}")
-    console.print(
-        "next: `tuneloop api` serves the API; keys come from `tuneloop tenants create SLUG`"
-    )
+        table = Table(title="share of held-out answers each tenant's users like")
+        for col in ("tenant", "base model", "own adapter", "other tenant's adapter", "run"):
+            table.add_column(col)
+        for tenant in TENANTS:
+            run = finished[tenant]
+            table.add_row(
+                tenant,
+                f"{before[tenant][0]:.0%}",
+                f"{after[tenant][0]:.0%}",
+                f"{cross[tenant]:.0%}" if tenant in cross else "-",
+                f"{run['status']}: {run['reason']}",
+            )
+        console.print(table)
+        for tenant in TENANTS:
+            console.print(f"[dim]{tenant}, after: {after[tenant][1][0][:160]!r}[/]")
+        console.print(f"API docs: {stack.api_url}/docs   Temporal UI: {stack.temporal_ui}")
+        console.print(
+            f"finished in {time.monotonic() - started:.0f} s (the stack stops now; "
+            "`tuneloop up` keeps it running)"
+        )
 
 
 def run_demo(settings: ApiSettings) -> None:

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
 NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
+RUN_IN_PROGRESS = "RunInProgress"
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -81,7 +82,11 @@ class PersonalizationActivities:
 
     @activity.defn
     async def start_run(self, inp: StartRunInput) -> str:
-        """Mark the run running (creating its row for scheduled runs); returns the run id."""
+        """Mark the run running (creating its row for scheduled runs); returns the run id.
+
+        Scheduled runs have workflow ids of their own, so the database is where one run per
+        tenant is enforced: a run that finds another one in flight ends skipped.
+        """
         async with self.sessionmaker() as session:
             run = await session.get(TrainingRun, inp.run_id) if inp.run_id else None
             if run is None:
@@ -93,7 +98,21 @@ class PersonalizationActivities:
                     workflow_id=inp.workflow_id,
                 )
                 session.add(run)
+                await session.flush()
             if run.status is RunStatus.queued:
+                other = await session.scalar(
+                    select(TrainingRun.id).where(
+                        TrainingRun.tenant_id == inp.tenant_id,
+                        TrainingRun.id != run.id,
+                        TrainingRun.status.in_((RunStatus.queued, RunStatus.running)),
+                    )
+                )
+                if other is not None:
+                    reason = f"run {other} is in progress for this tenant"
+                    run.status, run.reason, run.finished_at = RunStatus.skipped, reason, _now()
+                    session.add(_event(run, "info", "message", f"run skipped: {reason}", None))
+                    await session.commit()
+                    raise ApplicationError(reason, run.id, type=RUN_IN_PROGRESS, non_retryable=True)
                 run.status = RunStatus.running
                 run.started_at = _now()
                 session.add(_event(run, "info", "message", "run started", {"trigger": inp.trigger}))

@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.activities import (
         BAD_TRAINING_INPUT,
         NOT_ENOUGH_DATA,
+        RUN_IN_PROGRESS,
         PersonalizationActivities,
     )
     from workflows.contracts import (
@@ -40,7 +41,6 @@ with workflow.unsafe.imports_passed_through():
         StartRunInput,
         TrainInput,
         UsageInput,
-        personalize_workflow_id,
     )
 
 A = PersonalizationActivities
@@ -64,20 +64,13 @@ class PersonalizeTenant:
 
     @workflow.run
     async def run(self, inp: PersonalizeInput) -> PersonalizeResult:
-        o = inp.options
-        run_id = await workflow.execute_activity_method(
-            A.start_run,
-            StartRunInput(
-                inp.tenant_id,
-                inp.run_id,
-                inp.trigger,
-                personalize_workflow_id(inp.tenant_id),
-                o.method,
-            ),
-            task_queue=CPU_QUEUE,
-            start_to_close_timeout=QUICK,
-            retry_policy=RETRY,
-        )
+        try:
+            run_id = await self._start(inp)
+        except ActivityError as err:
+            if _is(err, RUN_IN_PROGRESS):
+                assert isinstance(err.cause, ApplicationError)
+                return PersonalizeResult(str(err.cause.details[0]), "skipped", _cause(err))
+            raise
         self._state = RunState(run_id=run_id)
         try:
             return await self._run(inp, run_id)
@@ -91,6 +84,22 @@ class PersonalizeTenant:
                 await self._finish(inp, run_id, "cancelled", "cancelled by request")
                 raise
             return await self._finish(inp, run_id, "failed", _cause(err), level="error")
+
+    async def _start(self, inp: PersonalizeInput) -> str:
+        run_id: str = await workflow.execute_activity_method(
+            A.start_run,
+            StartRunInput(
+                inp.tenant_id,
+                inp.run_id,
+                inp.trigger,
+                workflow.info().workflow_id,
+                inp.options.method,
+            ),
+            task_queue=CPU_QUEUE,
+            start_to_close_timeout=QUICK,
+            retry_policy=RETRY,
+        )
+        return run_id
 
     async def _run(self, inp: PersonalizeInput, run_id: str) -> PersonalizeResult:
         o, tenant = inp.options, inp.tenant_id

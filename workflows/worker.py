@@ -24,6 +24,22 @@ log = logging.getLogger(__name__)
 QUEUES = {"cpu": (CPU_QUEUE,), "gpu": (GPU_QUEUE,), "all": (CPU_QUEUE, GPU_QUEUE)}
 
 
+def import_ml_stack() -> None:
+    """Import the ML libraries once, in one thread, before any activity runs.
+
+    Their first import is not thread-safe (torch pulls in sympy lazily; two threads importing it
+    at once can leave ``sympy`` half-initialized, seen as "module 'sympy' has no attribute
+    'printing'" in every later attempt). Activities run in several threads, so the worker pays
+    the import cost up front instead.
+    """
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import sympy  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+
 def build_workers(
     client: Client, activities: PersonalizationActivities, queues: Iterable[str]
 ) -> list[Worker]:
@@ -78,6 +94,7 @@ async def run_worker(
                 "or use `tuneloop up`, which starts a dev server"
             )
         client = await Client.connect(settings.temporal_address)
+    await asyncio.to_thread(import_ml_stack)  # one thread, before any activity can start
     engine = create_engine(settings)
     activities = PersonalizationActivities(
         sessionmaker=create_sessionmaker(engine),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Query, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from api.deps import AdminTenantDep, FeedbackWriterDep, ProductTenantDep, SessionDep
 from api.schemas import (
@@ -19,6 +21,8 @@ from api.schemas import (
     ListOf,
 )
 from core import feedback
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
@@ -35,6 +39,7 @@ async def post_feedback(
     body: Annotated[
         FeedbackBody, Body(description=f"one item, or {{items: [...]}} (1-{MAX_BATCH})")
     ],
+    request: Request,
     response: Response,
     writer: FeedbackWriterDep,
     tenant_id: ProductTenantDep,
@@ -43,6 +48,7 @@ async def post_feedback(
     whole or not at all. A repeated ``idempotency_key`` returns the original record."""
     items = body.items if isinstance(body, FeedbackBatch) else [body]
     stored = await writer.write(tenant_id=tenant_id, items=[i.to_core() for i in items])
+    _after_feedback(request, tenant_id)
     created = sum(s.created for s in stored)
     if created == 0:
         response.status_code = status.HTTP_200_OK
@@ -60,6 +66,26 @@ async def post_feedback(
             replayed=len(stored) - created,
         )
     return FeedbackOut.of_row(stored[0].row)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _after_feedback(request: Request, tenant_id: str) -> None:
+    """Maybe start a run (policy ``auto_train_after``), without delaying the answer."""
+    if request.app.state.orchestrator.address is None:
+        return
+    task = asyncio.create_task(
+        request.app.state.orchestrator.maybe_auto_start(request.app.state.sessionmaker, tenant_id)
+    )
+    _background.add(task)  # keep a reference until it is done
+    task.add_done_callback(_finished)
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("auto-start check failed", exc_info=task.exception())
 
 
 @router.get("")

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from api.deps import AdminTenantDep, SessionDep
 from api.orchestration import ACTIVE, Orchestrator
-from api.schemas import ListOf
+from api.schemas import ListOf, RequestModel
 from core.errors import NotFound
 from core.models import RunEvent, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
@@ -19,7 +19,7 @@ from core.policy import TrainingPolicy, policy_of
 router = APIRouter(prefix="/v1", tags=["runs"])
 
 
-class RunCreate(BaseModel):
+class RunCreate(RequestModel):
     method: Literal["auto", "dpo", "kto", "grpo"] | None = Field(
         default=None, description="override the policy's method for this run"
     )
@@ -181,11 +181,15 @@ async def get_policy(session: SessionDep, tenant_id: AdminTenantDep) -> Training
 
 @router.put("/policy")
 async def put_policy(
-    body: TrainingPolicy, session: SessionDep, tenant_id: AdminTenantDep
+    body: TrainingPolicy, request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> TrainingPolicy:
-    """Replace the training policy (fields left out take their defaults)."""
+    """Replace the training policy (fields left out take their defaults). A ``schedule`` is
+    kept in step as a Temporal Schedule; setting one needs orchestration to be configured."""
     tenant = await session.get(Tenant, tenant_id)
     assert tenant is not None
+    old = policy_of(tenant.policy)
+    if body.schedule is not None or old.schedule is not None:
+        await orchestrator(request).sync_schedule(tenant_id, body)
     tenant.policy = body.model_dump()
     await session.commit()
     return body

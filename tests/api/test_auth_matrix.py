@@ -14,6 +14,7 @@ import pytest
 from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
+from core.models import RunStatus, TrainingRun
 from core.settings import ApiSettings
 from serving import registry
 from tests.conftest import Backend, TenantKeys
@@ -51,7 +52,15 @@ async def _objects_of(backend: Backend, a: TenantKeys, tmp: Path) -> dict[str, s
         version = await registry.register_adapter(
             s, ArtifactStore(tmp / "store"), tenant_id=a.id, adapter_dir=tmp, base_model="x"
         )
-    return {"tenant_id": a.id, "key_id": a.product_key_id, "version_id": version.id}
+        run = TrainingRun(tenant_id=a.id, status=RunStatus.succeeded, reason="done")
+        s.add(run)
+        await s.commit()
+    return {
+        "tenant_id": a.id,
+        "key_id": a.product_key_id,
+        "version_id": version.id,
+        "run_id": run.id,
+    }
 
 
 def _fill(path: str, ids: dict[str, str]) -> str:

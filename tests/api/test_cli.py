@@ -111,10 +111,3 @@ def test_live_api_over_http(tmp_path: Path, backend: Backend) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def test_demo_runs(tmp_path: Path) -> None:
-    r = run(["demo"], tuneloop_env(tmp_path))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "400 recognised as already stored" in r.stdout.replace("\n", " ")
-    assert "total 400" in r.stdout

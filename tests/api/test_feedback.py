@@ -336,3 +336,21 @@ async def test_concurrent_requests_share_commits_but_not_fates(
     assert [r.status_code for r in responses[40:]] == [422, 422, 201]
     assert await count_feedback(backend, a.id) == 2
     assert await count_feedback(backend, b.id) == 20
+
+
+async def test_nul_characters_are_refused_not_a_server_error(
+    client: httpx.AsyncClient, tenant: TenantKeys, platform_key: str
+) -> None:
+    for body in (
+        inline(completion="a\u0000b"),
+        inline(metadata={"k\u0000": 1}),
+        {"items": [inline(), inline(user_id="u\u0000")]},
+    ):
+        r = await client.post("/v1/feedback", headers=tenant.auth(), json=body)
+        assert r.status_code == 422 and "NUL" in r.json()["error"]["message"], r.text
+    r = await client.post(
+        "/v1/tenants",
+        headers={"Authorization": f"Bearer {platform_key}"},
+        json={"slug": "nul-name", "name": "a\u0000"},
+    )
+    assert r.status_code == 422

@@ -1,0 +1,23 @@
+"""``tuneloop demo`` end to end as a user runs it (on the tiny model, so it takes a minute)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.conftest import TUNELOOP, tuneloop_env
+
+
+def test_demo_closes_the_loop(tmp_path: Path) -> None:
+    env = tuneloop_env(tmp_path)
+    env["TUNELOOP_BASE_MODEL"] = "tiny-random"
+    r = subprocess.run([TUNELOOP, "demo"], env=env, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    for step in ("1. before", "2. traffic and thumbs", "3. personalization runs", "4. after"):
+        assert step in out, out[-4000:]
+    assert "share of held-out answers" in out
+    # Both runs went through the whole workflow; whether the gate promotes a random model's
+    # adapter is its business, but the run must end cleanly with a reason.
+    assert out.count("succeeded: ") == 2, out[-4000:]
+    assert "Temporal UI: http://127.0.0.1:" in out

@@ -14,6 +14,7 @@ recorded against the plain question (inline feedback), the others by interaction
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -227,4 +228,7 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
 
 
 def run_demo(settings: ApiSettings) -> None:
+    # A skipped run's activity failure is an expected outcome here, not news: keep Temporal's
+    # tracebacks for real errors only.
+    logging.getLogger("temporalio").setLevel(logging.ERROR)
     asyncio.run(_demo(settings, Console(soft_wrap=True)))

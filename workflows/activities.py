@@ -236,12 +236,9 @@ class PersonalizationActivities:
             result = trainer.train(spec, progress=progress)
         except trainer.TrainingCancelled:
             raise  # the SDK reports it as the cancellation it is
-        except (
-            trainer.InvalidSpec,
-            trainer.TrainingDiverged,
-            trainer.NotEnoughData,
-            trainer.CorruptAdapter,
-        ) as exc:
+        except trainer.NotEnoughData as exc:  # e.g. a train split with one kind of vote only
+            raise _business_error(exc, NOT_ENOUGH_DATA) from exc
+        except (trainer.InvalidSpec, trainer.TrainingDiverged, trainer.CorruptAdapter) as exc:
             raise _business_error(exc, BAD_TRAINING_INPUT) from exc
         return TrainOutput(
             adapter_dir=str(result.adapter_dir),

@@ -138,6 +138,8 @@ class PersonalizeTenant:
                 retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5),
             )
         except ActivityError as err:
+            if _is(err, NOT_ENOUGH_DATA):
+                return await self._finish(inp, run_id, "skipped", _cause(err))
             if _is(err, BAD_TRAINING_INPUT):
                 return await self._finish(inp, run_id, "failed", _cause(err), level="error")
             raise

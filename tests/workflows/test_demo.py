@@ -17,7 +17,9 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     for step in ("1. before", "2. traffic and thumbs", "3. personalization runs", "4. after"):
         assert step in out, out[-4000:]
     assert "share of held-out answers" in out
-    # Both runs went through the whole workflow; whether the gate promotes a random model's
-    # adapter is its business, but the run must end cleanly with a reason.
-    assert out.count("succeeded: ") == 2, out[-4000:]
+    # Both runs end cleanly with a reason. The tiny model's answers are random text, so a tenant
+    # whose users dislike all of them gets a run skipped for one-sided feedback; that is the
+    # loop working, and SmolLM2 (`make demo`) gives both tenants real choices.
+    assert out.count("succeeded: ") + out.count("skipped: ") == 2, out[-4000:]
+    assert "failed: " not in out and "Traceback" not in out, out[-4000:]
     assert "Temporal UI: http://127.0.0.1:" in out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -231,4 +232,7 @@ def run_demo(settings: ApiSettings) -> None:
     # A skipped run's activity failure is an expected outcome here, not news: keep Temporal's
     # tracebacks for real errors only.
     logging.getLogger("temporalio").setLevel(logging.ERROR)
+    # The demo prints its own progress; the libraries' bars would bury it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     asyncio.run(_demo(settings, Console(soft_wrap=True)))

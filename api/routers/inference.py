@@ -71,6 +71,9 @@ async def _answer(
 ) -> tuple[Resolved, Generation, list[str]] | StreamingResponse:
     resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
     gen_request = _generation_request(body, resolved)
+    # Hand the connection back while the model works (seconds): otherwise concurrent requests
+    # exhaust the pool. Recording the answer takes one again.
+    await session.close()
     ids = new_interaction_ids(body.n)
     started = time.perf_counter()
     if body.stream:

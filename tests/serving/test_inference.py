@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from sqlalchemy import select
 
+from api.app import create_app
 from core.artifacts import ArtifactStore
-from core.db import create_sessionmaker
+from core.db import create_engine, create_sessionmaker
 from core.models import Interaction, UsageRecord
 from serving import registry
 from tests.conftest import Backend, TenantKeys
@@ -217,3 +219,38 @@ async def test_concurrent_tenants_share_batches(
     together = await asyncio.gather(*(ask(c) for c in clients * 4))
     assert together == alone * 4
     assert engine.batches_run - before < 12  # 12 requests, fewer generate calls
+
+
+class SlowEngine:
+    """The real backend behind a delay, standing in for a big model's generation time."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def generate(self, request: Any) -> Any:
+        await asyncio.sleep(3)
+        return await self.inner.generate(request)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_generation_does_not_hold_a_database_connection(
+    client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
+) -> None:
+    """With one pooled connection and 2 s to get it, four requests whose generation takes 3 s
+    each all succeed: the gateway gives the connection back while the model works."""
+    engine = create_engine(backend.settings, pool_size=1, max_overflow=0, pool_timeout=2)
+    app = create_app(
+        backend.settings, engine=engine, backend=SlowEngine(client._transport.app.state.backend)
+    )  # type: ignore[attr-defined]
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test", timeout=60
+        ) as slow:
+            answers = await asyncio.gather(
+                *(ask(oai(slow, tenant.product), "default") for _ in range(4))
+            )
+    finally:
+        await engine.dispose()
+    assert len(answers) == 4

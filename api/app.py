@@ -19,6 +19,7 @@ from core.keys import PrincipalCache
 from core.settings import ApiSettings
 from serving.local import LocalBackend
 from serving.types import ServingBackend
+from serving.vllm import VllmPoolBackend
 
 
 class BodyLimit:
@@ -71,8 +72,12 @@ class _TooLarge(Exception):
 def build_backend(settings: ApiSettings) -> ServingBackend:
     if settings.serving_backend == "local":
         return LocalBackend(base_model=settings.base_model, data_dir=settings.data_dir)
-    # Said plainly rather than half-done: the vLLM pool is its own piece of work (issue 4).
-    raise RuntimeError("TUNELOOP_SERVING_BACKEND=vllm is not available in this version yet")
+    if not settings.vllm_urls:
+        raise RuntimeError(
+            "TUNELOOP_SERVING_BACKEND=vllm needs TUNELOOP_VLLM_URLS: the comma-separated base "
+            "URLs of the vLLM replicas, e.g. http://10.0.0.5:8000,http://10.0.0.6:8000"
+        )
+    return VllmPoolBackend(settings.vllm_urls)
 
 
 def create_app(

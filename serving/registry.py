@@ -17,7 +17,7 @@ from core.artifacts import ArtifactStore
 from core.errors import Conflict, InvalidInput, NotFound
 from core.models import AdapterStatus, AdapterVersion, Deployment
 from serving.names import serving_name
-from serving.types import AdapterRef
+from serving.types import FALLBACK, AdapterRef
 
 BASE = "base"
 DEFAULT = "default"
@@ -29,9 +29,13 @@ class Resolved:
 
     version: AdapterVersion | None  # None: the base model
     adapter: AdapterRef | None
+    fallback: bool = False
+    """The adapter could not be served in time and the base model answered instead."""
 
     @property
     def label(self) -> str:
+        if self.fallback:
+            return FALLBACK
         return self.version.id if self.version is not None else BASE
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+FALLBACK = "base (fallback)"
+"""``Generation.served_by`` when the base model answered because the adapter could not be served."""
+
 
 @dataclass(frozen=True)
 class AdapterRef:

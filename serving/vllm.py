@@ -42,13 +42,12 @@ import httpx
 
 from core.errors import InvalidInput, Unavailable
 from serving.names import is_serving_name
-from serving.types import AdapterRef, Choice, Generation, GenerationRequest
+from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest
 
-__all__ = ["FALLBACK", "HashRing", "VllmPoolBackend"]
+__all__ = ["HashRing", "VllmPoolBackend"]
 
 log = logging.getLogger(__name__)
 
-FALLBACK = "base (fallback)"
 """``Generation.served_by`` when the base model answered because the adapter could not be served."""
 
 _T = TypeVar("_T")

@@ -26,7 +26,7 @@ from api.schemas_inference import (
 from core.errors import InvalidInput
 from serving.gateway import new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
-from serving.types import Generation, GenerationRequest, ServingBackend
+from serving.types import FALLBACK, Generation, GenerationRequest, ServingBackend
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -85,6 +85,8 @@ async def _answer(
             headers={"X-Interaction-Id": ids[0], "Cache-Control": "no-cache"},
         )
     generation = await backend.generate(gen_request)
+    if generation.served_by == FALLBACK:  # say so, and record what really answered
+        resolved = Resolved(None, None, fallback=True)
     await record_answer(
         session,
         tenant_id=tenant_id,
@@ -97,6 +99,7 @@ async def _answer(
         endpoint=endpoint,
     )
     response.headers["X-Interaction-Id"] = ",".join(ids)
+    response.headers["X-Served-By"] = resolved.label
     return resolved, generation, ids
 
 

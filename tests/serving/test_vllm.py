@@ -29,8 +29,8 @@ from core.errors import Unavailable
 from core.models import Interaction
 from core.settings import ApiSettings
 from serving import registry
-from serving.types import AdapterRef, Generation, GenerationRequest
-from serving.vllm import FALLBACK, HashRing, VllmPoolBackend
+from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest
+from serving.vllm import HashRing, VllmPoolBackend
 from serving.vllm_resolver import adapter_dir
 from tests.conftest import Backend, TenantKeys, free_port
 

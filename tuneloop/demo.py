@@ -33,10 +33,11 @@ from tuneloop.stack import embedded_stack, free_port
 
 TENANTS = ("concise", "detailed")
 HINT = " Answer in one short sentence."
-TRAIN_PROMPTS = list(DEMO_PROMPTS[:12])
+TRAIN_PROMPTS = list(DEMO_PROMPTS[:10])
 HELD_OUT = list(DEMO_PROMPTS[-6:])
 POLICY = {"min_feedback": 16, "max_steps": 8, "rank": 8, "epochs": 1}
 FINISHED = ("succeeded", "failed", "cancelled", "skipped")
+MAX_TOKENS = 160  # room for the "detailed" users' 80+ words
 
 
 async def _operator_key(settings: ApiSettings) -> str:

@@ -36,7 +36,7 @@ OPTIONS = RunOptions(
     rank=4,
     batch_size=2,
     checkpoint_every=5,
-    heartbeat_timeout_s=4,
+    heartbeat_timeout_s=10,
     min_pref_improvement=None,
     max_regression_kl=None,
     max_ppl_increase=None,
@@ -115,7 +115,7 @@ async def _start(stack: Stack, tenant_id: str) -> tuple[Client, str]:
     return client, run_id
 
 
-async def _wait_for_step(backend: Backend, run_id: str, step: int, timeout: float = 120) -> None:
+async def _wait_for_step(backend: Backend, run_id: str, step: int, timeout: float = 300) -> None:
     import asyncio
 
     deadline = time.monotonic() + timeout

@@ -36,7 +36,9 @@ OPTIONS = RunOptions(
     rank=4,
     batch_size=2,
     checkpoint_every=5,
-    heartbeat_timeout_s=10,
+    # Generous: a loaded CI machine can take many seconds to set up training before the first
+    # heartbeat; the cost is a longer wait after the kill.
+    heartbeat_timeout_s=30,
     min_pref_improvement=None,
     max_regression_kl=None,
     max_ppl_increase=None,

@@ -6,9 +6,11 @@ the demo sends real traffic to ``/v1/chat/completions``, posts the users' thumbs
 ``/v1/feedback``, starts a personalization run (Temporal: compile → train → evaluate → gate →
 promote), and finally asks held-out questions again, before vs after, judged by the same users.
 
-SmolLM2 answers at length whatever the system prompt says, so to give the users real choices
-half the sampled answers are drawn with "Answer in one short sentence." appended; their thumbs are
-recorded against the plain question (inline feedback), the others by interaction id.
+SmolLM2 answers in about 60 words whatever the system prompt says, so to give the users real
+choices half the sampled answers are drawn with a hint appended ("Answer in one short sentence."
+for the concise tenant, "Explain in detail, step by step." for the detailed one, as their users
+would ask); those thumbs are recorded against the plain question (inline feedback), the others
+by interaction id.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from tuneloop.runtime import ensure_schema
 from tuneloop.stack import embedded_stack, free_port
 
 TENANTS = ("concise", "detailed")
-HINT = " Answer in one short sentence."
+HINTS = {
+    "concise": " Answer in one short sentence.",
+    "detailed": " Explain in detail, step by step.",
+}
 TRAIN_PROMPTS = list(DEMO_PROMPTS[:10])
 HELD_OUT = list(DEMO_PROMPTS[-6:])
 POLICY = {"min_feedback": 16, "max_steps": 8, "rank": 8, "epochs": 1}
@@ -75,7 +80,7 @@ async def _traffic_and_thumbs(
     http: httpx.AsyncClient, tenant: str, keys: dict[str, str], console: Console
 ) -> dict[str, int]:
     persona = PERSONAS[tenant]
-    asks = [(q, q + hint) for q in TRAIN_PROMPTS for hint in ("", HINT)]
+    asks = [(q, q + hint) for q in TRAIN_PROMPTS for hint in ("", HINTS[tenant])]
     answers = await asyncio.gather(
         *(_chat(http, keys["product"], asked, n=2, temperature=0.8) for _, asked in asks)
     )

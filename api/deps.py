@@ -20,7 +20,6 @@ from core.errors import PermissionDenied, Unauthenticated
 from core.feedback import FeedbackWriter
 from core.keys import Principal, PrincipalCache, authenticate
 from core.models import KeyRole
-from core.settings import ApiSettings
 from serving.types import ServingBackend
 
 
@@ -55,14 +54,6 @@ async def get_principal_cache(request: Request) -> PrincipalCache:
 
 
 PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
-
-
-async def get_settings(request: Request) -> ApiSettings:
-    settings: ApiSettings = request.app.state.settings
-    return settings
-
-
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 
 
 async def require_platform(

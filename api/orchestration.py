@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import func, select
@@ -225,7 +224,3 @@ class Orchestrator:
         except RPCError as exc:  # already finished: nothing to cancel
             if "not found" not in exc.message.lower() and "completed" not in exc.message.lower():
                 raise
-
-    @staticmethod
-    def describe(options: RunOptions) -> dict[str, object]:
-        return asdict(options)

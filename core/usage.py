@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,12 +29,3 @@ async def record_usage(
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
     )
-
-
-async def usage_totals(session: AsyncSession, *, tenant_id: str) -> dict[str, int]:
-    rows = await session.execute(
-        select(UsageRecord.meter, func.sum(UsageRecord.quantity))
-        .where(UsageRecord.tenant_id == tenant_id)
-        .group_by(UsageRecord.meter)
-    )
-    return {meter: int(total) for meter, total in rows}

@@ -84,10 +84,6 @@ class LocalBackend:
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    @property
-    def loaded_adapters(self) -> list[str]:
-        return list(self._loaded)
-
     # --- batching ---------------------------------------------------------------------------
 
     async def _submit(self, job: _Job) -> Generation:

@@ -159,6 +159,23 @@ async def _stream(
             yield sse(chunk(piece, None))
 
 
+def _common(
+    body: ChatCompletionRequest | CompletionRequest, answer: tuple[Resolved, Generation, list[str]]
+) -> dict[str, Any]:
+    """The fields chat and text completions share."""
+    resolved, generation, ids = answer
+    return {
+        "id": ids[0],
+        "created": int(time.time()),
+        "model": body.model,
+        "interaction_id": ids[0],
+        "served_by": resolved.label,
+        "usage": usage_of(
+            generation.prompt_tokens, [c.completion_tokens for c in generation.choices]
+        ),
+    }
+
+
 @router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -184,24 +201,17 @@ async def chat_completions(
     )
     if isinstance(out, StreamingResponse):
         return out
-    resolved, generation, ids = out
-    return ChatCompletion(
-        id=ids[0],
-        created=int(time.time()),
-        model=body.model,
-        interaction_id=ids[0],
-        served_by=resolved.label,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=ChatMessageOut(content=c.text),
-                finish_reason=c.finish_reason,
-                interaction_id=ids[i],
-            )
-            for i, c in enumerate(generation.choices)
-        ],
-        usage=usage_of(generation.prompt_tokens, [c.completion_tokens for c in generation.choices]),
-    )
+    _, generation, ids = out
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatMessageOut(content=c.text),
+            finish_reason=c.finish_reason,
+            interaction_id=ids[i],
+        )
+        for i, c in enumerate(generation.choices)
+    ]
+    return ChatCompletion(**_common(body, out), choices=choices)
 
 
 @router.post("/completions", response_model=None, responses={200: {"model": Completion}})
@@ -227,21 +237,12 @@ async def completions(
     )
     if isinstance(out, StreamingResponse):
         return out
-    resolved, generation, ids = out
-    return Completion(
-        id=ids[0],
-        created=int(time.time()),
-        model=body.model,
-        interaction_id=ids[0],
-        served_by=resolved.label,
-        choices=[
-            CompletionChoice(
-                index=i, text=c.text, finish_reason=c.finish_reason, interaction_id=ids[i]
-            )
-            for i, c in enumerate(generation.choices)
-        ],
-        usage=usage_of(generation.prompt_tokens, [c.completion_tokens for c in generation.choices]),
-    )
+    _, generation, ids = out
+    choices = [
+        CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, interaction_id=ids[i])
+        for i, c in enumerate(generation.choices)
+    ]
+    return Completion(**_common(body, out), choices=choices)
 
 
 @router.get("/models")

@@ -52,3 +52,17 @@ class QuotaExceeded(DomainError):
 class Unavailable(DomainError):
     code = "unavailable"
     status = 503
+
+
+class BudgetExceeded(QuotaExceeded):
+    """The tenant's own monthly budget would be (or is) passed; ``details`` has the numbers."""
+
+    code = "budget_exceeded"
+    status = 402
+
+
+class BillingSuspended(DomainError):
+    """The tenant's Stripe subscription lapsed: paying (or the operator) lifts it."""
+
+    code = "billing_suspended"
+    status = 402

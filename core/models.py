@@ -88,6 +88,13 @@ class TenantStatus(enum.StrEnum):
     suspended = "suspended"
 
 
+class BillingStatus(enum.StrEnum):
+    """Whether the tenant's Stripe subscription is paid up (``active`` without Stripe)."""
+
+    active = "active"
+    suspended = "suspended"
+
+
 class KeyRole(enum.StrEnum):
     platform = "platform"
     admin = "admin"
@@ -120,6 +127,13 @@ class Tenant(Base):
         _enum(TenantStatus, "tenant_status"), default=TenantStatus.active
     )
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
+    # Set by Stripe webhooks: a lapsed subscription suspends training (and, by the operator's
+    # setting, inference) without touching ``status``, which is the operator's own switch.
+    billing_status: Mapped[BillingStatus] = mapped_column(
+        _enum(BillingStatus, "billing_status"), default=BillingStatus.active
+    )
+    billing_reason: Mapped[str | None] = mapped_column(Text)
     policy: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

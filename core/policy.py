@@ -32,6 +32,12 @@ class TrainingPolicy(BaseModel):
     approval_timeout_hours: float = Field(default=24, gt=0, le=24 * 30)
     fallback_to_base: bool = False
     """When the adapter cannot be served in time, answer from the base model (marked so)."""
+    monthly_budget_usd: float | None = Field(default=None, ge=0, le=1_000_000_000)
+    """The tenant's own spending cap per calendar month (UTC) in USD, over inference and
+    training (None: no cap). A run whose estimated cost would pass it is refused."""
+    inference_over_budget: Literal["allow", "block"] = "allow"
+    """Once the month's spending reached ``monthly_budget_usd``: keep answering (``allow``) or
+    refuse inference with 402 ``budget_exceeded`` (``block``)."""
 
     @field_validator("schedule")
     @classmethod

@@ -5,6 +5,7 @@ One class per process kind; each is built explicitly and passed down. Nothing he
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,50 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
     )
+    """Signing secret of the webhook endpoint (``whsec_...``); unset: the webhook answers 503."""
+    stripe_api_base: str | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_BASE", "stripe_api_base")
+    )
+    """Override of ``https://api.stripe.com`` (a proxy, or the test suite's fake)."""
+    stripe_meter_events_base: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_METER_EVENTS_BASE", "stripe_meter_events_base"),
+    )
+    """Override of ``https://meter-events.stripe.com``; set it together with STRIPE_API_BASE."""
+    price_inference_per_1k: Decimal = Field(
+        default=Decimal("0.002"),
+        ge=0,
+        validation_alias=AliasChoices(
+            "TUNELOOP_PRICE_INFERENCE_PER_1K_TOKENS", "price_inference_per_1k"
+        ),
+    )
+    """USD per 1,000 inference tokens (prompt + completion): the Stripe price and the cost shown."""
+    price_training_per_1k: Decimal = Field(
+        default=Decimal("0.01"),
+        ge=0,
+        validation_alias=AliasChoices(
+            "TUNELOOP_PRICE_TRAINING_PER_1K_TOKENS", "price_training_per_1k"
+        ),
+    )
+    """USD per 1,000 training tokens (tokens the optimizer saw)."""
+    unpaid_blocks_inference: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(
+            "TUNELOOP_UNPAID_BLOCKS_INFERENCE", "unpaid_blocks_inference"
+        ),
+    )
+    """A lapsed subscription always stops training; with this set it stops inference too."""
+    billing_report_every_s: int = Field(
+        default=60,
+        ge=5,
+        le=86_400,
+        validation_alias=AliasChoices("TUNELOOP_BILLING_REPORT_EVERY_S", "billing_report_every_s"),
+    )
+    """How often the ReportUsage schedule sends unreported ledger rows to Stripe."""
+
+    @property
+    def stripe_configured(self) -> bool:
+        return bool(self.stripe_api_key)
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import dashboard
 from api.errors import error_response, install_error_handlers
 from api.orchestration import Orchestrator
 from api.routers import adapters, feedback, health, inference, keys, runs, tenants
@@ -116,6 +118,9 @@ def create_app(
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
     app.state.orchestrator = Orchestrator(settings.temporal_address, base_model=settings.base_model)
     install_error_handlers(app)
+    # Before the dashboard router, whose catch-all would otherwise answer for these files.
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    app.include_router(dashboard.router)
     for module in (health, tenants, keys, feedback, inference, adapters, runs):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -9,7 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -157,3 +157,20 @@ class ApiSettings(Settings):
     )
     """How long a process may reuse a key check. Revocation and suspension take effect at once
     in the process that makes them and within this many seconds in the others; 0 disables."""
+    session_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TUNELOOP_SESSION_SECRET", "session_secret"),
+    )
+    """Signs dashboard session cookies. Unset: a random secret is made once and kept in the data
+    dir, so restarts keep sessions; set it when several API processes share no data dir."""
+    session_hours: float = Field(
+        default=12,
+        gt=0,
+        le=24 * 30,
+        validation_alias=AliasChoices("TUNELOOP_SESSION_HOURS", "session_hours"),
+    )
+    """A dashboard login lasts this long."""
+    cookie_secure: bool = Field(
+        default=False, validation_alias=AliasChoices("TUNELOOP_COOKIE_SECURE", "cookie_secure")
+    )
+    """Mark the session cookie ``Secure`` (set it when the dashboard is served over HTTPS)."""

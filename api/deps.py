@@ -45,6 +45,8 @@ async def get_principal(
         async with request.app.state.sessionmaker() as session:
             principal = await authenticate(session, credentials.credentials)
         cache.put(credentials.credentials, principal)
+    # For the error handler: a refused lookup is logged with who asked (never with the key).
+    request.state.principal = principal
     return principal
 
 

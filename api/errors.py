@@ -13,7 +13,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import DomainError
+from core.errors import DomainError, NotFound, UnknownReference
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,21 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
-async def _on_domain_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
+    principal = getattr(request.state, "principal", None)
+    if isinstance(exc, NotFound | UnknownReference) and principal is not None:
+        # An authenticated caller naming something it does not own looks exactly like a miss to
+        # the caller; the operator sees who probed what. Method and path only: no key, no body.
+        log.warning(
+            "not found for tenant %s (%s key %s): %s %s [%s]",
+            principal.tenant_id or "-",
+            principal.role.value,
+            principal.key_id,
+            request.method,
+            request.url.path,
+            exc.code,
+        )
     return error_response(exc.status, exc.code, exc.message, exc.details)
 
 

@@ -24,6 +24,13 @@ class InvalidInput(DomainError):
     status = 422
 
 
+class UnknownReference(InvalidInput):
+    """A valid body names an object the caller's tenant does not have (e.g. an interaction in a
+    feedback batch). Another tenant's object is reported exactly like one that never existed."""
+
+    code = "unknown_reference"
+
+
 class Unauthenticated(DomainError):
     code = "unauthenticated"
     status = 401

@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, UnknownReference
 from core.ids import new_id
 from core.models import Feedback, Interaction
 
@@ -184,7 +184,7 @@ async def _store(session: AsyncSession, requests: Sequence[_Request]) -> None:
             if item.interaction_id is not None and (r.tenant_id, item.interaction_id) not in known
         ]
         if unknown:
-            r.error = InvalidInput(
+            r.error = UnknownReference(
                 "feedback names interactions this tenant does not have; nothing was stored",
                 details=unknown,
                 code="unknown_interaction",

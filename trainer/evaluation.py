@@ -184,7 +184,7 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
     promote = all(checks.values())
     failed = [name for name, ok in checks.items() if not ok]
     head = "promote" if promote else f"reject ({', '.join(failed)} failed)"
-    return GateDecision(promote, f"{head}: " + "; ".join(notes), checks)
+    return GateDecision(promote, f"{head}: " + ("; ".join(notes) or "no checks configured"), checks)
 
 
 def _pref_accuracy(

@@ -75,8 +75,13 @@ def line_chart(
     x_label: str = "",
     y_format: Callable[[float], str] = _fmt,
     y_range: tuple[float, float] | None = None,
+    x_range: tuple[float, float] | None = None,
+    x_names: tuple[str, str] | None = None,
 ) -> Markup:
-    """Lines over a numeric x axis (training step, say). Empty series draw an empty frame."""
+    """Lines over a numeric x axis (training step, say). Empty series draw an empty frame.
+
+    ``x_range`` fixes the axis (days without data stay empty); ``x_names`` labels its two ends.
+    """
     points = [p for s in series for p in s.points if math.isfinite(p[1])]
     if not points:
         return _frame(
@@ -87,7 +92,7 @@ def line_chart(
         )
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
-    x_lo, x_hi = min(xs), max(xs)
+    x_lo, x_hi = x_range if x_range else (min(xs), max(xs))
     y_lo, y_hi = y_range if y_range else (min(ys), max(ys))
     if y_hi - y_lo < 1e-9:
         y_lo, y_hi = y_lo - 1, y_hi + 1
@@ -114,10 +119,11 @@ def line_chart(
         )
         if len(pts) == 1:
             body.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="3" fill="{color}"/>')
+    first, last = x_names or (_fmt(x_lo), f"{_fmt(x_hi)} {x_label}")
     body.append(
-        f'<text x="{LEFT}" y="{HEIGHT - 20}" font-size="11">{escape(_fmt(x_lo))}</text>'
+        f'<text x="{LEFT}" y="{HEIGHT - 20}" font-size="11">{escape(first)}</text>'
         f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 20}" font-size="11" text-anchor="end">'
-        f"{escape(_fmt(x_hi))} {escape(x_label)}</text>"
+        f"{escape(last)}</text>"
     )
     return _frame(title, "".join(body), [s.name for s in series])
 

@@ -293,9 +293,10 @@ async def overview(
                 [(i, d.up_rate * 100) for i, d in enumerate(days) if d.up_rate is not None],
             )
         ],
-        x_label="days",
         y_format=lambda v: f"{v:.0f}%",
         y_range=(0, 100),
+        x_range=(0, len(days) - 1),
+        x_names=(labels[0], labels[-1]),
     )
     live = await _live_version(db, tenant_id)
     last_run = await db.scalar(
@@ -381,6 +382,9 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
     progress = run.progress or {}
     total = progress.get("total_steps") or 0
     percent = min(100, round(100 * progress.get("step", 0) / total)) if total else None
+    for key in ("step", "total_steps"):  # JSON may have turned them into floats
+        if isinstance(progress.get(key), float):
+            progress = {**progress, key: int(progress[key])}
     return {
         "run": run,
         "active": run.status in ACTIVE,
@@ -388,7 +392,8 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
         "progress": progress,
         "loss_chart": charts.line_chart("Training loss", [loss], x_label="steps"),
         "reward_chart": charts.line_chart("Rewards", rewards, x_label="steps") if rewards else None,
-        "events": [e for e in events if e.type != "metrics"] + ([events[-1]] if metrics else []),
+        # Metrics are in the charts; the log keeps what a person reads.
+        "events": [e for e in events if e.type != "metrics"],
     }
 
 
@@ -527,15 +532,19 @@ def _policy_fields(policy: TrainingPolicy) -> list[dict[str, Any]]:
     fields = []
     for name, info in TrainingPolicy.model_fields.items():
         annotation = info.annotation
-        args = [a for a in get_args(annotation) if a is not type(None)]
+        optional = type(None) in get_args(annotation)
+        # ``X | None`` → X; a bare Literal's args are its values, so only unwrap real unions.
+        inner = (
+            next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
+        )
         kind = "text"
         choices: list[str] = []
-        if annotation is bool:
+        if inner is bool:
             kind = "checkbox"
-        elif get_origin(annotation) is Literal or (args and get_origin(args[0]) is Literal):
+        elif get_origin(inner) is Literal:
             kind = "select"
-            choices = [str(c) for c in get_args(annotation if not args else args[0])]
-        elif annotation in (int, float) or (args and args[0] in (int, float)):
+            choices = [str(c) for c in get_args(inner)]
+        elif inner in (int, float):
             kind = "number"
         value = getattr(policy, name)
         fields.append(
@@ -544,7 +553,7 @@ def _policy_fields(policy: TrainingPolicy) -> list[dict[str, Any]]:
                 "kind": kind,
                 "choices": choices,
                 "value": "" if value is None else value,
-                "optional": type(None) in get_args(annotation),
+                "optional": optional,
                 "help": info.description or "",
             }
         )

@@ -12,6 +12,9 @@ from fastapi import FastAPI
 from api.app import create_app
 from tests.conftest import Backend
 
+# The real Temporal dev server and a worker on both queues, for the browser test's runs.
+from tests.workflows.conftest import temporal, worker  # noqa: F401
+
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 Session = Callable[[str], Awaitable[httpx.AsyncClient]]

@@ -319,6 +319,7 @@ async def test_policy_form(login: Session, tenant: TenantKeys, client: httpx.Asy
     c = await login(tenant.admin)
     page = (await c.get("/dashboard/settings")).text
     assert 'name="min_feedback"' in page and 'name="require_approval"' in page
+    assert "<option selected>auto</option><option >dpo</option>" in page
     r = await form(
         c,
         "/dashboard/settings",

@@ -1,0 +1,194 @@
+"""The dashboard in a real headless Chromium (Debian's package, driven by Playwright), against a
+live uvicorn server whose runs go to the real Temporal dev server and worker on the tiny model.
+
+A person can look at what it saw: a screenshot of every main page is saved under
+``tests/artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from playwright.async_api import Browser, Page, async_playwright, expect
+from temporalio.testing import WorkflowEnvironment
+
+from api.app import create_app
+from tests.conftest import Backend, TenantKeys, free_port
+from tests.workflows.conftest import address, setup_tenant
+
+SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="session")
+def sqlite_session(backend: Backend) -> None:
+    # One browser pass per session is enough: the page logic is covered on both databases by
+    # test_pages.py; this test is about the browser and the live loop.
+    if backend.name != "sqlite":
+        pytest.skip("the browser test runs once per session, on the SQLite backend")
+
+
+@pytest.fixture(scope="session")
+async def live_url(
+    sqlite_session: None, backend: Backend, temporal: WorkflowEnvironment, worker: None
+) -> AsyncIterator[str]:
+    """The API on a real port, its runs going to the test Temporal server and worker."""
+    settings = backend.settings.model_copy(update={"temporal_address": address(temporal)})
+    app = create_app(settings, engine=backend.engine)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+    await app.state.backend.close()
+
+
+@pytest.fixture(scope="session")
+async def browser(sqlite_session: None) -> AsyncIterator[Browser]:
+    path = chromium_path()
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+async def log_in(browser: Browser, base: str, key: str) -> Page:
+    context = await browser.new_context(base_url=base, viewport={"width": 1200, "height": 900})
+    page = await context.new_page()
+    await page.goto("/dashboard")
+    await expect(page).to_have_url(f"{base}/dashboard/login?next=/dashboard")
+    await page.fill("input[name=key]", key)
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{base}/dashboard")
+    return page
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+async def test_an_admin_runs_the_loop_from_the_browser(
+    sqlite_session: None,
+    live_url: str,
+    browser: Browser,
+    make_tenant: Any,
+    client: httpx.AsyncClient,
+) -> None:
+    a: TenantKeys = await make_tenant()
+    b: TenantKeys = await make_tenant()
+    # Feedback to train on, and a policy with enough steps to watch the progress move.
+    await setup_tenant(client, a, feedback=30, max_steps=24)
+
+    page = await log_in(browser, live_url, a.admin)
+    await expect(page.locator("#feedback-total")).to_have_text("60")
+    assert await page.locator("svg.chart").count() == 2
+    assert await page.locator("svg.chart rect.bar").count() >= 2  # today's up and down
+    await shot(page, "overview")
+
+    # Start a run and watch it progress on its page, without reloading.
+    await page.click("text=Runs")
+    await expect(page.locator("#run-estimate")).to_contain_text("$")
+    await shot(page, "runs")
+    await page.click("#start-run")
+    await expect(page.locator(".notice")).to_have_text("Run started.")
+    await page.evaluate("window.__no_reload = true")
+    seen: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = (await page.locator("#run-status").inner_text()).strip()
+        step = (await page.locator("#run-step").inner_text()).strip()
+        if not seen or seen[-1] != f"{status} {step}":
+            seen.append(f"{status} {step}")
+        if status in ("succeeded", "failed", "cancelled", "skipped"):
+            break
+        await asyncio.sleep(0.3)
+    assert await page.evaluate("window.__no_reload") is True, "the page reloaded"
+    assert seen[-1].startswith("succeeded"), seen
+    assert len(seen) >= 3, f"no progress was shown while the run went on: {seen}"
+    no_step = "\N{EN DASH} / \N{EN DASH}"
+    assert any(s.startswith("running") and not s.endswith(no_step) for s in seen), seen
+    assert await page.locator('polyline[data-series="loss"]').count() == 1
+    await expect(page.locator("#events")).to_contain_text("promoted")
+    await shot(page, "run")
+
+    # The run promoted its version; roll back to the base model, then promote it again.
+    await page.click("text=Adapters")
+    live_name = (await page.locator("#live-version").inner_text()).strip()
+    assert live_name.startswith("t") and live_name != "the base model", live_name
+    live_id = await page.locator("#versions th.live").get_attribute("id")
+    await shot(page, "adapters")
+    await page.click("#rollback")
+    await expect(page.locator(".notice")).to_contain_text("Rolled back")
+    await expect(page.locator("#live-version")).to_have_text("the base model")
+    await page.click("button.promote >> nth=0")
+    await expect(page.locator(".notice")).to_contain_text("Promoted")
+    await expect(page.locator("#live-version")).to_have_text(live_name)
+    r = await client.post(
+        "/v1/chat/completions",
+        headers=a.auth(),
+        json={"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert r.status_code == 200 and r.headers["x-served-by"] == live_id, r.text
+
+    # Keys: create one (shown once), then revoke it.
+    await page.click("text=Settings")
+    await page.fill("input[name=name]", "browser-made")
+    await page.select_option("select[name=role]", "product")
+    await page.click("#create-key")
+    secret = (await page.locator("#new-key-secret").inner_text()).strip()
+    assert secret.startswith("tl_k")
+    await shot(page, "settings")
+    ok = await client.get("/v1/models", headers={"Authorization": f"Bearer {secret}"})
+    assert ok.status_code == 200
+    row = page.locator("#keys tr", has_text="browser-made")
+    await row.locator("button.revoke").click()
+    await expect(page.locator(".notice")).to_contain_text("Key revoked")
+    await expect(page.locator("#keys tr", has_text="browser-made")).to_contain_text("UTC")
+
+    await page.click("text=Data")
+    await expect(page.locator("#datasets")).to_contain_text("/ 60")
+    await shot(page, "data")
+    await page.click("text=Usage & billing")
+    await expect(page.locator("#usage-total")).to_contain_text("$")
+    await shot(page, "usage")
+
+    # Tenant B's session cannot open tenant A's pages.
+    run_url = page.url  # any A page will do; take the run's
+    await page.click("text=Runs")
+    run_path = await page.locator("#runs a >> nth=0").get_attribute("href")
+    assert run_path and run_path.startswith("/dashboard/runs/run_")
+    other = await log_in(browser, live_url, b.admin)
+    response = await other.goto(run_path)
+    assert response is not None and response.status == 404
+    await expect(other.locator("h1")).to_have_text("Not found")
+    await shot(other, "not-found")
+    await other.goto("/dashboard/adapters")
+    assert live_name not in await other.content()
+    assert run_url  # (kept for the failure message above)

@@ -9,6 +9,7 @@ run's live section in place).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -48,6 +49,8 @@ from core.models import (
 )
 from core.policy import TrainingPolicy, policy_of
 from serving import registry
+
+log = logging.getLogger(__name__)
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -92,6 +95,17 @@ class DashboardRoute(APIRoute):
             except _PickTenant:
                 return RedirectResponse("/dashboard/tenants", status_code=303)
             except DomainError as exc:
+                session = getattr(request.state, "dashboard_session", None)
+                if isinstance(exc, NotFound) and session is not None:
+                    # As in the API: the caller sees a plain miss, the operator sees the probe.
+                    log.warning(
+                        "dashboard not found for tenant %s (%s key %s): %s %s",
+                        session.tenant_id or "-",
+                        session.role.value,
+                        session.key_id,
+                        request.method,
+                        request.url.path,
+                    )
                 return error_page(request, exc.status, exc.message)
 
         return route
@@ -128,6 +142,7 @@ async def current(request: Request, db: SessionDep) -> DashboardSession:
     s = codec(request).read(request)
     if s is None or not await still_valid(db, s):
         raise _LoginRequired
+    request.state.dashboard_session = s
     return s
 
 

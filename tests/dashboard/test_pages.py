@@ -234,7 +234,7 @@ async def test_promote_and_rollback(
 
 
 async def test_a_tenant_never_sees_another_tenants_pages(
-    login: Session, make_tenant: Any, backend: Backend
+    login: Session, make_tenant: Any, backend: Backend, caplog: pytest.LogCaptureFixture
 ):
     a, b = await make_tenant(), await make_tenant()
     marker = f"m{secrets.token_hex(4)}"
@@ -258,6 +258,11 @@ async def test_a_tenant_never_sees_another_tenants_pages(
         assert r.status_code == 404, (action, r.text)
     for page in PAGES:
         assert marker not in (await cb.get(page)).text
+    probes = [r for r in caplog.records if r.name == "api.dashboard.pages"]
+    assert any(
+        b.id in r.getMessage() and f"/dashboard/runs/{ids['run']}" in r.getMessage() for r in probes
+    ), [r.getMessage() for r in probes]
+    assert not any(b.admin in r.getMessage() for r in caplog.records)  # never the key
     # An admin cannot pick another tenant the way a platform key can.
     assert (await cb.get("/dashboard/tenants")).status_code == 404
     r = await form(cb, "/dashboard", "/dashboard/tenants/switch", tenant_id=a.id)

@@ -225,6 +225,7 @@ def up(
     async def main() -> None:
         async with embedded_stack(settings, temporal_port=temporal_port) as stack:
             typer.echo(f"API        {stack.api_url}  (OpenAPI: {stack.api_url}/docs)")
+            typer.echo(f"Dashboard  {stack.api_url}/dashboard  (log in with an admin key)")
             typer.echo(
                 f"Temporal   {stack.temporal_address}"
                 + (f"  (UI: {stack.temporal_ui})" if stack.temporal_ui else "")

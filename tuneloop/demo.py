@@ -182,6 +182,12 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
                 )
                 r.raise_for_status()
 
+            console.print(
+                f"Dashboard: {stack.api_url}/dashboard (while the demo runs), log in with a "
+                "tenant's admin key:"
+            )
+            for tenant in TENANTS:
+                console.print(f"  {tenant}: {keys[tenant]['admin']}")
             console.print("[bold]1. before[/]: held-out questions answered by the base model")
             before = {t: await _judge_share(http, t, keys[t]["product"]) for t in TENANTS}
             console.print(
@@ -227,7 +233,10 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
         console.print(table)
         for tenant in TENANTS:
             console.print(f"[dim]{tenant}, after: {after[tenant][1][0][:160]!r}[/]")
-        console.print(f"API docs: {stack.api_url}/docs   Temporal UI: {stack.temporal_ui}")
+        console.print(
+            f"Dashboard: {stack.api_url}/dashboard   API docs: {stack.api_url}/docs   "
+            f"Temporal UI: {stack.temporal_ui}"
+        )
         console.print(
             f"finished in {time.monotonic() - started:.0f} s (the stack stops now; "
             "`tuneloop up` keeps it running)"

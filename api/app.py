@@ -13,12 +13,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import dashboard
 from api.errors import error_response, install_error_handlers
 from api.orchestration import Orchestrator
-from api.routers import adapters, feedback, health, inference, keys, runs, tenants
+from api.routers import adapters, billing, feedback, health, inference, keys, runs, tenants
 from core.artifacts import ArtifactStore
+from core.billing import BillingConfig, InferenceGate
 from core.db import create_engine, create_sessionmaker
 from core.feedback import FeedbackWriter
 from core.keys import PrincipalCache
 from core.settings import ApiSettings
+from core.stripe_billing import StripeBilling
 from serving.local import LocalBackend
 from serving.types import ServingBackend
 from serving.vllm import VllmPoolBackend
@@ -100,6 +102,8 @@ def create_app(
         yield
         if own_backend:
             await engine_backend.close()
+        if app.state.stripe is not None:
+            await app.state.stripe.close()
         if own_engine:
             await db.dispose()
 
@@ -116,12 +120,19 @@ def create_app(
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     app.state.backend = engine_backend
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
-    app.state.orchestrator = Orchestrator(settings.temporal_address, base_model=settings.base_model)
+    app.state.billing = BillingConfig.from_settings(settings)
+    app.state.stripe = StripeBilling.from_settings(settings)  # None without STRIPE_API_KEY
+    app.state.inference_gate = InferenceGate(
+        app.state.sessionmaker, app.state.billing, ttl=settings.auth_cache_seconds
+    )
+    app.state.orchestrator = Orchestrator(
+        settings.temporal_address, base_model=settings.base_model, billing=app.state.billing
+    )
     install_error_handlers(app)
     # Before the dashboard router, whose catch-all would otherwise answer for these files.
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.include_router(dashboard.router)
-    for module in (health, tenants, keys, feedback, inference, adapters, runs):
+    for module in (health, tenants, keys, feedback, inference, adapters, runs, billing):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -28,7 +28,8 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.errors import NotFound, Unavailable
+from core.billing import BillingConfig, check_training_allowed
+from core.errors import BillingSuspended, BudgetExceeded, NotFound, Unavailable
 from core.models import Feedback, RunStatus, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
 from workflows.contracts import (
@@ -47,9 +48,12 @@ AUTO_CHECK_EVERY_S = 5.0
 
 
 class Orchestrator:
-    def __init__(self, address: str | None, *, base_model: str) -> None:
+    def __init__(
+        self, address: str | None, *, base_model: str, billing: BillingConfig | None = None
+    ) -> None:
         self.address = address
         self.base_model = base_model
+        self.billing = billing or BillingConfig()
         self._client: Client | None = None
         self._lock = asyncio.Lock()
         self._checked: dict[str, float] = {}
@@ -97,13 +101,16 @@ class Orchestrator:
         options: RunOptions | None = None,
     ) -> tuple[TrainingRun, bool]:
         """Start a run, or return the one in flight. Returns ``(run, started)``."""
-        client = await self.client()
         tenant = await session.get(Tenant, tenant_id)
         if tenant is None:
             raise NotFound(f"no tenant {tenant_id!r}")
         running = await self._active_run(session, tenant_id)
         if running is not None:  # e.g. a scheduled run, whose workflow id differs
             return running, False
+        # Before any row or workflow exists: a lapsed subscription or a run over the tenant's
+        # budget is refused here with 402 (manual and auto-start alike).
+        await check_training_allowed(session, tenant_id=tenant_id, config=self.billing)
+        client = await self.client()
         opts = options or self.options(policy_of(tenant.policy), method)
         workflow_id = personalize_workflow_id(tenant_id)
         run = TrainingRun(
@@ -202,6 +209,9 @@ class Orchestrator:
                     run, started = await self.start_run(
                         session, tenant_id=tenant_id, trigger="feedback"
                     )
+                except (BillingSuspended, BudgetExceeded) as exc:
+                    log.info("auto-start for %s refused: %s", tenant_id, exc.message)
+                    return
                 except (Unavailable, RPCError) as exc:
                     log.warning("auto-start for %s failed: %s", tenant_id, exc)
                     return

@@ -20,6 +20,8 @@ from temporalio.exceptions import ApplicationError
 
 import trainer
 from core.artifacts import ArtifactStore
+from core.billing import BillingConfig, check_training_allowed
+from core.errors import BillingSuspended, BudgetExceeded
 from core.ids import new_id
 from core.models import (
     AdapterStatus,
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
 RUN_IN_PROGRESS = "RunInProgress"
+BILLING_REFUSED = "BillingRefused"
+"""The tenant's subscription lapsed or the run would pass its budget (runs a schedule fired)."""
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -67,9 +71,11 @@ class PersonalizationActivities:
         store: ArtifactStore,
         data_dir: Path,
         progress_every_s: float = 2.0,
+        billing: BillingConfig | None = None,
     ) -> None:
         """Build inside the worker's event loop: training threads report progress through it."""
         self.sessionmaker = sessionmaker
+        self.billing = billing or BillingConfig()
         self.store = store
         self.data_dir = data_dir
         self.progress_every_s = progress_every_s
@@ -113,6 +119,18 @@ class PersonalizationActivities:
                     session.add(_event(run, "info", "message", f"run skipped: {reason}", None))
                     await session.commit()
                     raise ApplicationError(reason, run.id, type=RUN_IN_PROGRESS, non_retryable=True)
+                # Scheduled runs reach no API check: billing is enforced here for every run.
+                try:
+                    await check_training_allowed(
+                        session, tenant_id=inp.tenant_id, config=self.billing
+                    )
+                except (BillingSuspended, BudgetExceeded) as exc:
+                    run.status, run.reason, run.finished_at = RunStatus.skipped, exc.message, _now()
+                    session.add(_event(run, "warn", "message", f"run skipped: {exc.message}", None))
+                    await session.commit()
+                    raise ApplicationError(
+                        exc.message, run.id, type=BILLING_REFUSED, non_retryable=True
+                    ) from None
                 run.status = RunStatus.running
                 run.started_at = _now()
                 session.add(_event(run, "info", "message", "run started", {"trigger": inp.trigger}))

@@ -187,3 +187,44 @@ class UsageInput:
     tenant_id: str
     run_id: str
     tokens: int
+
+
+REPORT_USAGE_WORKFLOW = "ReportUsage"
+REPORT_USAGE_WORKFLOW_ID = "billing/report-usage"
+"""One reporter at a time across the deployment: the id is the lock."""
+REPORT_USAGE_SCHEDULE_ID = "billing/report-usage-schedule"
+
+
+@dataclass(frozen=True)
+class ReportUsageInput:
+    """One pass of the usage reporter: ledger rows -> Stripe meter events."""
+
+    batch_size: int = 200
+    """Rows per activity call (each row is one meter event)."""
+    max_batches: int = 50
+    """Stop after this many batches; the schedule's next firing goes on (bounded history)."""
+
+
+@dataclass(frozen=True)
+class ReportBatchInput:
+    limit: int = 200
+    after: str | None = None
+    """Only rows with a larger id: a pass pages through the backlog, so rows Stripe refuses
+    cannot hold up the ones behind them."""
+
+
+@dataclass(frozen=True)
+class ReportBatchOutput:
+    sent: int
+    """Rows Stripe accepted in this batch, now marked reported."""
+    pending: int
+    """Rows of the batch left unreported (no Stripe customer yet, or refused by Stripe)."""
+    last_id: str | None
+    """The largest row id looked at (the next batch's ``after``); None: nothing was left."""
+
+
+@dataclass(frozen=True)
+class ReportUsageResult:
+    sent: int
+    batches: int
+    pending: int

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from trainer.evaluation import EvalReport, GatePolicy, gate
     from workflows.activities import (
         BAD_TRAINING_INPUT,
+        BILLING_REFUSED,
         NOT_ENOUGH_DATA,
         RUN_IN_PROGRESS,
         PersonalizationActivities,
@@ -67,7 +68,7 @@ class PersonalizeTenant:
         try:
             run_id = await self._start(inp)
         except ActivityError as err:
-            if _is(err, RUN_IN_PROGRESS):
+            if _is(err, RUN_IN_PROGRESS) or _is(err, BILLING_REFUSED):
                 assert isinstance(err.cause, ApplicationError)
                 return PersonalizeResult(str(err.cause.details[0]), "skipped", _cause(err))
             raise

@@ -8,14 +8,19 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from core.artifacts import ArtifactStore
+from core.billing import BillingConfig
 from core.db import create_engine, create_sessionmaker
 from core.settings import Settings
+from core.stripe_billing import StripeBilling
 from workflows.activities import PersonalizationActivities
+from workflows.billing import ReportUsage
+from workflows.billing_activities import BillingActivities, ensure_report_schedule
 from workflows.contracts import CPU_QUEUE, GPU_QUEUE
 from workflows.personalize import PersonalizeTenant
 
@@ -41,10 +46,16 @@ def import_ml_stack() -> None:
 
 
 def build_workers(
-    client: Client, activities: PersonalizationActivities, queues: Iterable[str]
+    client: Client,
+    activities: PersonalizationActivities,
+    queues: Iterable[str],
+    billing: BillingActivities | None = None,
 ) -> list[Worker]:
     workers = []
     a = activities
+    # The usage reporter runs only where Stripe is configured.
+    billing_workflows: list[type] = [] if billing is None else [ReportUsage]
+    billing_activities: list[Any] = [] if billing is None else [billing.report_usage_batch]
     # Running activities get this long to finish on shutdown; training checkpoints and stops
     # when cancelled, so a retried attempt on another worker resumes from there.
     grace = timedelta(seconds=30)
@@ -53,8 +64,9 @@ def build_workers(
             Worker(
                 client,
                 task_queue=CPU_QUEUE,
-                workflows=[PersonalizeTenant],
+                workflows=[PersonalizeTenant, *billing_workflows],
                 activities=[
+                    *billing_activities,
                     a.start_run,
                     a.update_run,
                     a.compile_dataset,
@@ -96,17 +108,31 @@ async def run_worker(
         client = await Client.connect(settings.temporal_address)
     await asyncio.to_thread(import_ml_stack)  # one thread, before any activity can start
     engine = create_engine(settings)
+    sessionmaker = create_sessionmaker(engine)
     activities = PersonalizationActivities(
-        sessionmaker=create_sessionmaker(engine),
+        sessionmaker=sessionmaker,
         store=ArtifactStore(settings.data_dir / "artifacts"),
         data_dir=settings.data_dir,
+        billing=BillingConfig.from_settings(settings),
+    )
+    stripe_billing = StripeBilling.from_settings(settings)
+    billing = (
+        BillingActivities(sessionmaker=sessionmaker, stripe=stripe_billing)
+        if stripe_billing is not None
+        else None
     )
     try:
         async with AsyncExitStack() as stack:
-            for worker in build_workers(client, activities, QUEUES[queue]):
+            for worker in build_workers(client, activities, QUEUES[queue], billing):
                 await stack.enter_async_context(worker)
+            if billing is not None and CPU_QUEUE in QUEUES[queue]:
+                every = timedelta(seconds=settings.billing_report_every_s)
+                await ensure_report_schedule(client, every=every)
+                log.info("usage goes to Stripe every %s", every)
             log.info("worker polling %s", ", ".join(QUEUES[queue]))
             await stop.wait()
             log.info("worker stopping")
     finally:
+        if stripe_billing is not None:
+            await stripe_billing.close()
         await engine.dispose()

@@ -23,6 +23,7 @@ from api.schemas_inference import (
     sse,
     usage_of,
 )
+from core.billing import InferenceGate
 from core.errors import InvalidInput
 from serving.gateway import new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
@@ -69,6 +70,9 @@ async def _answer(
     backend: ServingBackend,
     store: Any,
 ) -> tuple[Resolved, Generation, list[str]] | StreamingResponse:
+    # Billing (unpaid subscription, budget) from a per-process memo: no query per request.
+    gate: InferenceGate = request.app.state.inference_gate
+    await gate.check(tenant_id)
     resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
     gen_request = _generation_request(body, resolved)
     # Hand the connection back while the model works (seconds): otherwise concurrent requests

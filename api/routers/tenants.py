@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 
 from api.deps import PlatformDep, PrincipalCacheDep, SessionDep
 from api.schemas import (
@@ -18,6 +18,7 @@ from api.schemas import (
 )
 from core import tenants
 from core.keys import IssuedKey
+from core.stripe_billing import StripeBilling
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -27,9 +28,18 @@ def _created(issued: IssuedKey) -> KeyCreated:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_tenant(body: TenantCreate, session: SessionDep, _: PlatformDep) -> TenantCreated:
-    """Create a tenant with its first admin and product keys (shown once)."""
+async def create_tenant(
+    body: TenantCreate, request: Request, session: SessionDep, _: PlatformDep
+) -> TenantCreated:
+    """Create a tenant with its first admin and product keys (shown once). With Stripe
+    configured it also gets a Stripe customer and a metered subscription; if Stripe fails the
+    tenant is still created, and the next usage-reporting pass creates them."""
     new = await tenants.create_tenant(session, slug=body.slug, name=body.name)
+    stripe_billing: StripeBilling | None = request.app.state.stripe
+    if stripe_billing is not None:
+        # Its own session: a Stripe failure rolls it back, which must not expire ``new``.
+        async with request.app.state.sessionmaker() as billing_session:
+            await stripe_billing.provision_quietly(billing_session, tenant_id=new.tenant.id)
     return TenantCreated(
         tenant=TenantOut.of(new.tenant),
         admin_key=_created(new.admin_key),

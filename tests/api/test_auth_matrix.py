@@ -19,7 +19,8 @@ from core.settings import ApiSettings
 from serving import registry
 from tests.conftest import Backend, TenantKeys
 
-PUBLIC = {"/healthz", "/readyz"}
+# The Stripe webhook is authenticated by its signature (tests/billing), not by an API key.
+PUBLIC = {"/healthz", "/readyz", "/v1/billing/stripe/webhook"}
 
 
 def _routes() -> list[tuple[str, str, str | None]]:

@@ -1,0 +1,111 @@
+"""Billing fixtures: a fake Stripe on a loopback port (the real SDK talks to it), and the app
+configured with Stripe pointing there."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from fastapi import FastAPI
+
+from api.app import create_app
+from core.settings import ApiSettings
+from tests.billing.fake_stripe import FakeStripe, FakeStripeServer
+from tests.conftest import Backend, TenantKeys
+
+# The real Temporal dev server, for the reporter's workflow tests.
+from tests.workflows.conftest import temporal, worker  # noqa: F401
+
+WEBHOOK_SECRET = "whsec_test_" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def fake_stripe() -> Iterator[FakeStripe]:
+    with FakeStripeServer(FakeStripe()) as fake:
+        yield fake
+
+
+def stripe_settings(backend: Backend, fake: FakeStripe, **extra: Any) -> ApiSettings:
+    return backend.settings.model_copy(
+        update={
+            "stripe_api_key": fake.api_key,
+            "stripe_webhook_secret": WEBHOOK_SECRET,
+            "stripe_api_base": fake.url,
+            "stripe_meter_events_base": fake.url,
+            # Billing decisions are seen at once (no per-process memo) in these tests.
+            "auth_cache_seconds": 0.0,
+            **extra,
+        }
+    )
+
+
+async def _app_client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test"
+    )
+
+
+@pytest.fixture(scope="session")
+async def billing_app(backend: Backend, fake_stripe: FakeStripe) -> AsyncIterator[FastAPI]:
+    """The API with Stripe configured (pointing at the fake)."""
+    app = create_app(stripe_settings(backend, fake_stripe), engine=backend.engine)
+    yield app
+    await app.state.stripe.close()
+    await app.state.backend.close()
+
+
+@pytest.fixture(scope="session")
+async def billing_client(billing_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with await _app_client(billing_app) as c:
+        yield c
+
+
+@pytest.fixture
+async def make_billing_tenant(billing_client: httpx.AsyncClient, platform_key: str):  # type: ignore[no-untyped-def]
+    """A fresh tenant created through the Stripe-configured API."""
+
+    async def make() -> TenantKeys:
+        slug = f"bill-{secrets.token_hex(5)}"
+        r = await billing_client.post(
+            "/v1/tenants", json={"slug": slug}, headers={"Authorization": f"Bearer {platform_key}"}
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        return TenantKeys(
+            id=body["tenant"]["id"],
+            slug=slug,
+            admin=body["admin_key"]["key"],
+            product=body["product_key"]["key"],
+            admin_key_id=body["admin_key"]["id"],
+            product_key_id=body["product_key"]["id"],
+        )
+
+    return make
+
+
+def signed(
+    event: dict[str, Any], *, secret: str = WEBHOOK_SECRET, at: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """A webhook body and its ``Stripe-Signature`` header, signed with the SDK's own helper."""
+    body = json.dumps(event)
+    header = stripe.WebhookSignature.generate_signature_header(body, secret, timestamp=at)
+    return body.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}
+
+
+def event(type_: str, obj: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+    """A Stripe event envelope (the fields tuneloop reads, plus Stripe's usual ones)."""
+    return {
+        "id": event_id or f"evt_{secrets.token_hex(12)}",
+        "object": "event",
+        "api_version": "2026-10-28.endive",
+        "created": int(time.time()),
+        "livemode": False,
+        "type": type_,
+        "data": {"object": obj},
+    }

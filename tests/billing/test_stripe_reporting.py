@@ -1,0 +1,226 @@
+"""Tenants become Stripe customers, and the usage ledger reaches Stripe as meter events exactly
+once: the real SDK against the fake Stripe, on both database backends."""
+
+from __future__ import annotations
+
+import secrets
+from decimal import Decimal
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from core.db import create_sessionmaker
+from core.models import Tenant, UsageRecord
+from core.stripe_billing import EVENT_NAMES, StripeBilling
+from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS, record_usage
+from tests.billing.conftest import stripe_settings
+from tests.billing.fake_stripe import FakeStripe
+from tests.conftest import Backend
+
+
+def billing_of(backend: Backend, fake: FakeStripe) -> StripeBilling:
+    built = StripeBilling.from_settings(stripe_settings(backend, fake))
+    assert built is not None
+    return built
+
+
+async def add_usage(
+    backend: Backend, tenant_id: str, *quantities: int, meter: str = INFERENCE_TOKENS
+) -> None:
+    async with create_sessionmaker(backend.engine)() as session:
+        for q in quantities:
+            await record_usage(
+                session,
+                tenant_id=tenant_id,
+                meter=meter,
+                quantity=q,
+                idempotency_key=f"test:{secrets.token_hex(8)}",
+            )
+        await session.commit()
+
+
+async def tenant_row(backend: Backend, tenant_id: str) -> Tenant:
+    async with create_sessionmaker(backend.engine)() as session:
+        tenant = await session.get(Tenant, tenant_id)
+        assert tenant is not None
+        return tenant
+
+
+async def unreported(backend: Backend, tenant_id: str) -> int:
+    async with create_sessionmaker(backend.engine)() as session:
+        return int(
+            await session.scalar(
+                select(func.count())
+                .select_from(UsageRecord)
+                .where(UsageRecord.tenant_id == tenant_id, UsageRecord.reported_at.is_(None))
+            )
+            or 0
+        )
+
+
+async def report_all(backend: Backend, stripe_billing: StripeBilling) -> int:
+    """Report until the backlog is empty (other tests' rows included); rows sent."""
+    sent = 0
+    async with create_sessionmaker(backend.engine)() as session:
+        while True:
+            outcome = await stripe_billing.report(session, limit=50)
+            assert outcome.retryable is None
+            sent += outcome.sent
+            if outcome.sent == 0:
+                return sent
+
+
+async def test_a_new_tenant_gets_a_customer_and_a_metered_subscription(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    row = await tenant_row(backend, t.id)
+    assert row.stripe_customer_id in fake_stripe.customers
+    assert fake_stripe.customers[row.stripe_customer_id]["metadata"]["tenant_id"] == t.id
+    sub = fake_stripe.subscriptions[row.stripe_subscription_id or ""]
+    assert sub["customer"] == row.stripe_customer_id and sub["status"] == "active"
+    meters = {
+        fake_stripe.meters[item["price"]["recurring"]["meter"]]["event_name"]
+        for item in sub["items"]["data"]
+    }
+    assert meters == {EVENT_NAMES[INFERENCE_TOKENS], EVENT_NAMES[TRAINING_TOKENS]}
+    # Cents per token: $0.002 per 1k inference tokens, $0.01 per 1k training tokens.
+    amounts = {
+        fake_stripe.meters[i["price"]["recurring"]["meter"]]["event_name"]: Decimal(
+            i["price"]["unit_amount_decimal"]
+        )
+        for i in sub["items"]["data"]
+    }
+    assert amounts == {
+        EVENT_NAMES[INFERENCE_TOKENS]: Decimal("0.0002"),
+        EVENT_NAMES[TRAINING_TOKENS]: Decimal("0.001"),
+    }
+
+
+async def test_catalog_setup_is_idempotent(backend: Backend, fake_stripe: FakeStripe) -> None:
+    first = await billing_of(backend, fake_stripe).catalog()
+    meters, prices = len(fake_stripe.meters), len(fake_stripe.prices)
+    again = await billing_of(backend, fake_stripe).catalog()  # a new process, say
+    assert again == first
+    assert (len(fake_stripe.meters), len(fake_stripe.prices)) == (meters, prices)
+
+
+async def test_stripe_down_at_creation_still_creates_the_tenant_and_reporting_catches_up(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    fake_stripe.fail_customers = 1
+    t = await make_billing_tenant()
+    assert (await tenant_row(backend, t.id)).stripe_customer_id is None
+    await add_usage(backend, t.id, 120)
+    await report_all(backend, billing_of(backend, fake_stripe))
+    row = await tenant_row(backend, t.id)
+    assert row.stripe_customer_id in fake_stripe.customers
+    assert row.stripe_subscription_id in fake_stripe.subscriptions
+    assert fake_stripe.usage(row.stripe_customer_id or "", EVENT_NAMES[INFERENCE_TOKENS]) == 120
+    assert await unreported(backend, t.id) == 0
+
+
+async def test_each_ledger_row_is_one_meter_event_with_the_row_id(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await add_usage(backend, t.id, 10, 20, 30)
+    await add_usage(backend, t.id, 500, meter=TRAINING_TOKENS)
+    stripe_billing = billing_of(backend, fake_stripe)
+    await report_all(backend, stripe_billing)
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    async with create_sessionmaker(backend.engine)() as session:
+        ids = set(
+            await session.scalars(select(UsageRecord.id).where(UsageRecord.tenant_id == t.id))
+        )
+    assert {e["identifier"] for e in fake_stripe.event_for_customer(customer)} == ids
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 60
+    assert fake_stripe.usage(customer, EVENT_NAMES[TRAINING_TOKENS]) == 500
+    assert await unreported(backend, t.id) == 0
+    # Reported rows are never sent again.
+    posts = sum(fake_stripe.meter_event_posts[i] for i in ids)
+    await report_all(backend, stripe_billing)
+    assert sum(fake_stripe.meter_event_posts[i] for i in ids) == posts == 4
+
+
+async def test_a_crash_between_stripe_accepting_and_marking_reported_bills_once(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await add_usage(backend, t.id, 7, 11)
+    stripe_billing = billing_of(backend, fake_stripe)
+
+    async def crash(*_: object) -> None:
+        raise ConnectionError("process died before the ledger was updated")
+
+    monkeypatch.setattr(StripeBilling, "mark_reported", staticmethod(crash))
+    async with create_sessionmaker(backend.engine)() as session:
+        with pytest.raises(ConnectionError):
+            await stripe_billing.report(session, limit=1000)
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 18  # Stripe has them
+    assert await unreported(backend, t.id) == 2  # the ledger does not know yet
+
+    monkeypatch.undo()
+    await report_all(backend, stripe_billing)  # the retry sends the same rows again
+    assert await unreported(backend, t.id) == 0
+    events = fake_stripe.event_for_customer(customer)
+    assert len(events) == 2
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 18  # counted once
+    assert all(fake_stripe.meter_event_posts[e["identifier"]] == 2 for e in events)
+
+
+async def test_stripe_outage_leaves_rows_unreported_and_says_retry(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await add_usage(backend, t.id, 5)
+    stripe_billing = billing_of(backend, fake_stripe)
+    await report_all(backend, stripe_billing)  # drain what other tests left
+    await add_usage(backend, t.id, 6, 7)
+    fake_stripe.fail_meter_events = 1
+    async with create_sessionmaker(backend.engine)() as session:
+        outcome = await stripe_billing.report(session, limit=1000)
+    assert outcome.retryable is not None and "APIError" in outcome.retryable
+    assert (outcome.sent, outcome.pending) == (1, 1)  # the other row went through
+    assert await unreported(backend, t.id) == 1
+    await report_all(backend, stripe_billing)
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 18
+
+
+async def test_usage_endpoint_shows_reporting_and_is_tenant_scoped(
+    make_billing_tenant,
+    billing_client: httpx.AsyncClient,
+    backend: Backend,
+    fake_stripe: FakeStripe,
+    platform_key: str,
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_billing_tenant(), await make_billing_tenant()
+    await add_usage(backend, a.id, 1000, 3000)
+    await report_all(backend, billing_of(backend, fake_stripe))
+    await add_usage(backend, a.id, 500)
+    r = await billing_client.get("/v1/usage", headers=a.auth("admin"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    inference = next(m for m in body["meters"] if m["meter"] == INFERENCE_TOKENS)
+    assert inference["quantity"] == 4500
+    assert Decimal(inference["cost_usd"]) == Decimal("0.009")
+    assert (inference["reported_rows"], inference["unreported_rows"]) == (2, 1)
+    assert body["billing"]["stripe_configured"] is True
+    assert (
+        body["billing"]["stripe_customer_id"]
+        == (await tenant_row(backend, a.id)).stripe_customer_id
+    )
+    assert body["billing"]["status"] == "active"
+
+    other = (await billing_client.get("/v1/usage", headers=b.auth("admin"))).json()
+    assert all(m["quantity"] == 0 for m in other["meters"])  # a's usage is invisible to b
+    assert other["billing"]["stripe_customer_id"] != body["billing"]["stripe_customer_id"]
+    for headers, status in (
+        (a.auth("product"), 403),
+        ({"Authorization": f"Bearer {platform_key}"}, 403),
+        ({}, 401),
+    ):
+        assert (await billing_client.get("/v1/usage", headers=headers)).status_code == status

@@ -1,0 +1,87 @@
+"""The usage reporter's activity and its schedule: ledger rows go to Stripe as meter events.
+
+Built only where Stripe is configured (``STRIPE_API_KEY``); the Stripe client is injected, which
+is also how the tests point it at their fake Stripe.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
+from temporalio.exceptions import ApplicationError
+
+from core.stripe_billing import StripeBilling
+from workflows.contracts import (
+    CPU_QUEUE,
+    REPORT_USAGE_SCHEDULE_ID,
+    REPORT_USAGE_WORKFLOW,
+    REPORT_USAGE_WORKFLOW_ID,
+    ReportBatchInput,
+    ReportBatchOutput,
+    ReportUsageInput,
+)
+
+log = logging.getLogger(__name__)
+
+STRIPE_UNAVAILABLE = "StripeUnavailable"
+
+
+class BillingActivities:
+    def __init__(
+        self, *, sessionmaker: async_sessionmaker[AsyncSession], stripe: StripeBilling
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.stripe = stripe
+
+    @activity.defn
+    async def report_usage_batch(self, inp: ReportBatchInput) -> ReportBatchOutput:
+        """Send one page of unreported ledger rows; accepted rows are marked reported before
+        this returns, so a retry resends only what Stripe may not have (and Stripe dedupes
+        those by identifier). Stripe unreachable or busy: a retryable failure, after marking
+        what went through, so Temporal backs off and tries again."""
+        async with self.sessionmaker() as session:
+            outcome = await self.stripe.report(session, limit=inp.limit, after=inp.after)
+        if outcome.retryable is not None:
+            raise ApplicationError(
+                f"Stripe did not take every meter event ({outcome.sent} sent): {outcome.retryable}",
+                type=STRIPE_UNAVAILABLE,
+            )
+        if outcome.pending:
+            log.warning("%d usage rows left unreported for now", outcome.pending)
+        return ReportBatchOutput(outcome.sent, outcome.pending, outcome.last_id)
+
+
+async def ensure_report_schedule(
+    client: Client, *, every: timedelta, task_queue: str = CPU_QUEUE
+) -> None:
+    """Create (or update) the Schedule that runs ``ReportUsage`` every ``every``. Overlapping
+    firings are skipped: one reporter at a time, and a slow pass is never doubled."""
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            REPORT_USAGE_WORKFLOW,
+            ReportUsageInput(),
+            id=REPORT_USAGE_WORKFLOW_ID,
+            task_queue=task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(REPORT_USAGE_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        handle = client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID)
+        await handle.update(lambda _: ScheduleUpdate(schedule=schedule))

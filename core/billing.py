@@ -246,11 +246,11 @@ async def estimate_run_cost(
     config = config or BillingConfig()
     tenant = await _tenant(session, tenant_id)
     policy = policy or policy_of(tenant.policy)
-    inline_chars = (
-        func.coalesce(func.length(Feedback.prompt), 0)
-        + func.coalesce(func.length(Feedback.completion), 0)
-        + func.coalesce(func.length(cast(Feedback.messages, String)), 0)
-    )
+    # An inline item carries a prompt or messages: the prompt when given, else the messages'
+    # JSON (not both: the bulk insert stores absent messages as JSON ``null``, not SQL NULL).
+    inline_chars = func.coalesce(
+        func.length(Feedback.prompt), func.length(cast(Feedback.messages, String)), 0
+    ) + func.coalesce(func.length(Feedback.completion), 0)
     size = case(
         (
             Interaction.id.is_not(None),

@@ -23,7 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from tests.conftest import Backend, TenantKeys, free_port
-from tests.workflows.conftest import address, setup_tenant
+from tests.workflows.conftest import FAST_POLICY, address, setup_tenant
 
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -178,6 +178,19 @@ async def test_an_admin_runs_the_loop_from_the_browser(
     await page.click("text=Usage & billing")
     await expect(page.locator("#usage-total")).to_contain_text("$")
     await shot(page, "usage")
+
+    # A long run, cancelled from its page while it trains.
+    r = await client.put(
+        "/v1/policy", headers=a.auth("admin"), json=FAST_POLICY | {"max_steps": 5000}
+    )
+    assert r.status_code == 200, r.text
+    await page.click("text=Runs")
+    await page.click("#start-run")
+    await expect(page.locator("#run-status")).to_have_text("running", timeout=60_000)
+    await expect(page.locator("#run-progress")).to_be_visible(timeout=60_000)
+    await page.click("#cancel-run")
+    await expect(page.locator(".notice")).to_contain_text("Cancellation requested")
+    await expect(page.locator("#run-status")).to_have_text("cancelled", timeout=60_000)
 
     # Tenant B's session cannot open tenant A's pages.
     run_url = page.url  # any A page will do; take the run's

@@ -131,7 +131,13 @@ class WebhookAck(BaseModel):
     action: str = Field(description="suspended, restored or ignored")
 
 
-@router.post("/billing/stripe/webhook")
+@router.post(
+    "/billing/stripe/webhook",
+    responses={
+        400: {"description": "missing, wrong or stale Stripe-Signature, or not a Stripe event"},
+        503: {"description": "STRIPE_WEBHOOK_SECRET is not set on this server"},
+    },
+)
 async def stripe_webhook(request: Request, session: SessionDep) -> WebhookAck:
     """Stripe's events. No API key: the ``Stripe-Signature`` header over the raw body is the
     credential (checked by the Stripe SDK; stale or altered events are refused with 400). Each

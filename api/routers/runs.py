@@ -83,7 +83,13 @@ async def _run(session: Any, tenant_id: str, run_id: str) -> TrainingRun:
 @router.post(
     "/runs",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"description": "a run is already in flight: that run is returned"}},
+    responses={
+        200: {"description": "a run is already in flight: that run is returned"},
+        402: {
+            "description": "billing_suspended (the subscription is unpaid) or budget_exceeded "
+            "(the run's estimated cost would pass the monthly budget; details has the numbers)"
+        },
+    },
 )
 async def start_run(
     request: Request,

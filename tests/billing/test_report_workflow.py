@@ -1,0 +1,178 @@
+"""The ``ReportUsage`` workflow on the real Temporal dev server: Temporal's retries carry it through
+a crash after Stripe accepted and through a Stripe outage, and nothing is billed twice. Also the
+schedule that runs it, and billing refusals of runs a schedule fires."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client, ScheduleOverlapPolicy
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from core.db import create_sessionmaker
+from core.models import BillingStatus, RunStatus, Tenant, TrainingRun
+from core.stripe_billing import EVENT_NAMES, StripeBilling
+from core.usage import INFERENCE_TOKENS
+from tests.billing.fake_stripe import FakeStripe
+from tests.billing.test_stripe_reporting import add_usage, billing_of, tenant_row, unreported
+from tests.conftest import Backend, TenantKeys
+from workflows.billing import ReportUsage
+from workflows.billing_activities import BillingActivities, ensure_report_schedule
+from workflows.contracts import (
+    CPU_QUEUE,
+    PERSONALIZE_WORKFLOW,
+    REPORT_USAGE_SCHEDULE_ID,
+    PersonalizeInput,
+    PersonalizeResult,
+    ReportUsageInput,
+    ReportUsageResult,
+)
+
+
+@pytest.fixture
+async def reporter(
+    backend: Backend, fake_stripe: FakeStripe, temporal: WorkflowEnvironment
+) -> AsyncIterator[tuple[Client, str, StripeBilling]]:
+    """A worker running only the reporter, on a task queue of this test's own."""
+    queue = f"billing-{uuid.uuid4()}"
+    stripe_billing = billing_of(backend, fake_stripe)
+    activities = BillingActivities(
+        sessionmaker=create_sessionmaker(backend.engine), stripe=stripe_billing
+    )
+    async with Worker(
+        temporal.client,
+        task_queue=queue,
+        workflows=[ReportUsage],
+        activities=[activities.report_usage_batch],
+    ):
+        yield temporal.client, queue, stripe_billing
+    await stripe_billing.close()
+
+
+async def run_reporter(client: Client, queue: str, batch_size: int = 3) -> ReportUsageResult:
+    return await client.execute_workflow(
+        ReportUsage.run,
+        ReportUsageInput(batch_size=batch_size),
+        id=f"report-usage-test-{uuid.uuid4()}",
+        task_queue=queue,
+        execution_timeout=timedelta(minutes=2),
+    )
+
+
+async def test_crash_after_stripe_accepted_is_retried_and_billed_once(
+    make_billing_tenant,
+    backend: Backend,
+    fake_stripe: FakeStripe,
+    reporter: tuple[Client, str, StripeBilling],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # type: ignore[no-untyped-def]
+    client, queue, _ = reporter
+    t: TenantKeys = await make_billing_tenant()
+    await add_usage(backend, t.id, 3, 4, 5, 6, 7)
+    real = StripeBilling.mark_reported
+    crashes = []
+
+    async def crash_once(session: Any, ids: Any) -> None:
+        if not crashes:
+            crashes.append(list(ids))
+            raise RuntimeError("worker lost between Stripe's answer and the ledger update")
+        await real(session, ids)
+
+    monkeypatch.setattr(StripeBilling, "mark_reported", staticmethod(crash_once))
+    result = await run_reporter(client, queue)
+
+    assert crashes and crashes[0]  # the first attempt did get Stripe's acceptance, then died
+    assert result.batches >= 2  # paged through in batches of 3
+    assert await unreported(backend, t.id) == 0
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    events = fake_stripe.event_for_customer(customer)
+    assert len(events) == 5
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 25  # once each
+    resent = [e for e in events if fake_stripe.meter_event_posts[e["identifier"]] > 1]
+    assert {e["identifier"] for e in resent} == set(crashes[0])  # resent, and counted once
+
+
+async def test_stripe_outage_is_retried_with_backoff(
+    make_billing_tenant,
+    backend: Backend,
+    fake_stripe: FakeStripe,
+    reporter: tuple[Client, str, StripeBilling],
+) -> None:  # type: ignore[no-untyped-def]
+    client, queue, _ = reporter
+    t: TenantKeys = await make_billing_tenant()
+    await add_usage(backend, t.id, 40, 2)
+    fake_stripe.fail_meter_events = 2
+    result = await run_reporter(client, queue, batch_size=200)
+    assert fake_stripe.fail_meter_events == 0
+    assert result.sent >= 2
+    assert await unreported(backend, t.id) == 0
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 42
+
+
+async def test_the_schedule_runs_the_reporter(
+    make_billing_tenant,
+    backend: Backend,
+    fake_stripe: FakeStripe,
+    reporter: tuple[Client, str, StripeBilling],
+) -> None:  # type: ignore[no-untyped-def]
+    client, queue, _ = reporter
+    t: TenantKeys = await make_billing_tenant()
+    await add_usage(backend, t.id, 9)
+    await ensure_report_schedule(client, every=timedelta(hours=1), task_queue=queue)
+    await ensure_report_schedule(client, every=timedelta(minutes=1), task_queue=queue)  # again
+    handle = client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID)
+    try:
+        described = await handle.describe()
+        assert [i.every for i in described.schedule.spec.intervals] == [timedelta(minutes=1)]
+        assert described.schedule.policy.overlap is ScheduleOverlapPolicy.SKIP
+        await handle.trigger()
+        for _ in range(100):
+            if await unreported(backend, t.id) == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert await unreported(backend, t.id) == 0
+        customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+        assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 9
+    finally:
+        await handle.delete()
+
+
+async def test_a_scheduled_run_of_a_suspended_tenant_ends_skipped(
+    make_billing_tenant,
+    billing_client: httpx.AsyncClient,
+    backend: Backend,
+    temporal: WorkflowEnvironment,
+    worker: None,
+) -> None:  # type: ignore[no-untyped-def]
+    t: TenantKeys = await make_billing_tenant()
+    async with create_sessionmaker(backend.engine)() as session:
+        tenant = await session.get(Tenant, t.id)
+        assert tenant is not None
+        tenant.billing_status = BillingStatus.suspended
+        tenant.billing_reason = "subscription sub_x is unpaid"
+        await session.commit()
+    # What a Temporal Schedule starts: no run row yet, no API in between.
+    result = await temporal.client.execute_workflow(
+        PERSONALIZE_WORKFLOW,
+        PersonalizeInput(tenant_id=t.id, trigger="schedule"),
+        id=f"personalize/{t.id}-scheduled-{uuid.uuid4()}",
+        task_queue=CPU_QUEUE,
+        result_type=PersonalizeResult,
+        execution_timeout=timedelta(minutes=2),
+    )
+    assert result.status == "skipped"
+    assert "training is suspended" in (result.reason or "")
+    async with create_sessionmaker(backend.engine)() as session:
+        run = await session.get(TrainingRun, result.run_id)
+    assert run is not None and run.status is RunStatus.skipped
+    assert "sub_x is unpaid" in (run.reason or "")
+    runs = await billing_client.get("/v1/runs", headers=t.auth("admin"))
+    assert [r["status"] for r in runs.json()["data"]] == ["skipped"]

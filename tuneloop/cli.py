@@ -32,6 +32,8 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+billing_app = typer.Typer(help="Stripe usage billing (STRIPE_API_KEY).", no_args_is_help=True)
+app.add_typer(billing_app, name="billing")
 # The trainer's own commands: `tuneloop train ...` and `tuneloop eval ...` (no database needed).
 app.command("train")(trainer_cli.train)
 app.command("eval")(trainer_cli.eval)
@@ -106,18 +108,37 @@ def tenants_create(
     name: Annotated[str | None, typer.Option(help="display name (default: the slug)")] = None,
 ) -> None:
     """Create a tenant; prints it with its first admin and product keys (shown once) as JSON."""
+    from core.models import Tenant
+    from core.stripe_billing import StripeBilling
     from core.tenants import create_tenant
+
+    settings: Settings = _settings(Settings)
 
     async def make(engine: AsyncEngine) -> dict[str, Any]:
         async with create_sessionmaker(engine)() as session:
             new = await create_tenant(session, slug=slug, name=name)
+        billing: dict[str, Any] = {}
+        stripe_billing = StripeBilling.from_settings(settings)
+        if stripe_billing is not None:  # a Stripe failure leaves it to `tuneloop billing setup`
+            try:
+                async with create_sessionmaker(engine)() as session:
+                    await stripe_billing.provision_quietly(session, tenant_id=new.tenant.id)
+                    tenant = await session.get(Tenant, new.tenant.id)
+                billing = {"stripe_customer_id": tenant.stripe_customer_id if tenant else None}
+            finally:
+                await stripe_billing.close()
         return {
-            "tenant": {"id": new.tenant.id, "slug": new.tenant.slug, "name": new.tenant.name},
+            "tenant": {
+                "id": new.tenant.id,
+                "slug": new.tenant.slug,
+                "name": new.tenant.name,
+                **billing,
+            },
             "admin_key": {"id": new.admin_key.row.id, "key": new.admin_key.secret},
             "product_key": {"id": new.product_key.row.id, "key": new.product_key.secret},
         }
 
-    _print(_run(make))
+    _print(_run(make, settings))
 
 
 @keys_app.command("create")
@@ -151,6 +172,36 @@ def keys_create(
         return {"id": issued.row.id, "role": key_role.value, "tenant": tenant, "key": issued.secret}
 
     _print(_run(make))
+
+
+@billing_app.command("setup")
+def billing_setup() -> None:
+    """Create or find the Stripe Billing Meters, product and metered prices (prices from
+    TUNELOOP_PRICE_*_PER_1K_TOKENS), then a customer and subscription for every tenant without
+    one. Prints the ids as JSON; safe to run again."""
+    import stripe
+
+    from core.stripe_billing import StripeBilling
+
+    settings: Settings = _settings(Settings)
+    if not settings.stripe_configured:
+        raise _fail("STRIPE_API_KEY is not set: billing runs on the ledger alone without it")
+
+    async def make(engine: AsyncEngine) -> dict[str, Any]:
+        billing = StripeBilling.from_settings(settings)
+        assert billing is not None
+        try:
+            catalog = await billing.catalog()
+            async with create_sessionmaker(engine)() as session:
+                failed = await billing.provision_missing(session)
+        finally:
+            await billing.close()
+        return {"meters": catalog.meters, "prices": catalog.prices, "tenants_failed": failed}
+
+    try:
+        _print(_run(make, settings))
+    except stripe.StripeError as exc:
+        raise _fail(f"Stripe refused: {exc.user_message or exc}") from None
 
 
 @app.command("api")

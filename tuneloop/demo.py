@@ -247,6 +247,8 @@ def run_demo(settings: ApiSettings) -> None:
     # A skipped run's activity failure is an expected outcome here, not news: keep Temporal's
     # tracebacks for real errors only.
     logging.getLogger("temporalio").setLevel(logging.ERROR)
+    # One line per HTTP call (hundreds of them) would bury the demo's own story.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # The demo prints its own progress; the libraries' bars would bury it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from temporalio.client import Client, ScheduleOverlapPolicy
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -20,9 +21,17 @@ from core.db import create_sessionmaker
 from core.models import BillingStatus, RunStatus, Tenant, TrainingRun
 from core.stripe_billing import EVENT_NAMES, StripeBilling
 from core.usage import INFERENCE_TOKENS
+from tests.billing.conftest import stripe_settings
 from tests.billing.fake_stripe import FakeStripe
-from tests.billing.test_stripe_reporting import add_usage, billing_of, tenant_row, unreported
+from tests.billing.test_stripe_reporting import (
+    add_usage,
+    billing_of,
+    report_all,
+    tenant_row,
+    unreported,
+)
 from tests.conftest import Backend, TenantKeys
+from tests.workflows.conftest import address
 from workflows.billing import ReportUsage
 from workflows.billing_activities import BillingActivities, ensure_report_schedule
 from workflows.contracts import (
@@ -34,6 +43,7 @@ from workflows.contracts import (
     ReportUsageInput,
     ReportUsageResult,
 )
+from workflows.worker import run_worker
 
 
 @pytest.fixture
@@ -73,8 +83,9 @@ async def test_crash_after_stripe_accepted_is_retried_and_billed_once(
     reporter: tuple[Client, str, StripeBilling],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # type: ignore[no-untyped-def]
-    client, queue, _ = reporter
+    client, queue, stripe_billing = reporter
     t: TenantKeys = await make_billing_tenant()
+    await report_all(backend, stripe_billing)  # what other tests left: only this test's rows
     await add_usage(backend, t.id, 3, 4, 5, 6, 7)
     real = StripeBilling.mark_reported
     crashes = []
@@ -176,3 +187,34 @@ async def test_a_scheduled_run_of_a_suspended_tenant_ends_skipped(
     assert "sub_x is unpaid" in (run.reason or "")
     runs = await billing_client.get("/v1/runs", headers=t.auth("admin"))
     assert [r["status"] for r in runs.json()["data"]] == ["skipped"]
+
+
+async def test_a_worker_with_stripe_configured_creates_the_schedule(
+    backend: Backend, fake_stripe: FakeStripe, temporal: WorkflowEnvironment
+) -> None:
+    settings = stripe_settings(
+        backend,
+        fake_stripe,
+        temporal_address=address(temporal),
+        billing_report_every_s=3600,
+    )
+    stop = asyncio.Event()
+    # Its own connection (from TEMPORAL_ADDRESS), as in production: one client may not run two
+    # workers on the cpu queue, and the session's worker may be polling it already.
+    task = asyncio.create_task(run_worker(settings, queue="cpu", stop=stop))
+    handle = temporal.client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID)
+    try:
+        for _ in range(150):
+            try:
+                described = await handle.describe()
+                break
+            except RPCError:  # not created yet
+                assert not task.done(), task
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the worker did not create the usage-reporting schedule")
+        assert [i.every for i in described.schedule.spec.intervals] == [timedelta(hours=1)]
+    finally:
+        stop.set()
+        await task
+        await handle.delete()

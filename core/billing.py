@@ -83,6 +83,11 @@ class BillingConfig:
         return (Decimal(quantity) * self.price_per_1k(meter) / 1000).quantize(_MICRO)
 
 
+def _aware(moment: datetime) -> datetime:
+    """A time without a zone is taken as UTC (what an ISO date in a query string means here)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def month_start(now: datetime | None = None) -> datetime:
     """Midnight UTC on the first day of ``now``'s month: where budgets and summaries start."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
@@ -171,7 +176,7 @@ async def usage_summary(
     config: BillingConfig | None = None,
 ) -> UsageSummary:
     """The tenant's usage per meter, its cost and reporting state since ``since`` (default: the
-    start of the current calendar month, UTC).
+    start of the current calendar month, UTC; a ``since`` without a time zone is UTC).
 
     ``config`` carries prices and whether Stripe is configured; pass
     ``BillingConfig.from_settings(settings)`` (the API keeps one as ``app.state.billing``).
@@ -180,7 +185,7 @@ async def usage_summary(
     """
     config = config or BillingConfig()
     tenant = await _tenant(session, tenant_id)
-    period_start = since if since is not None else month_start()
+    period_start = month_start() if since is None else _aware(since)
     per_meter = await _per_meter(session, tenant_id, period_start)
     meters = tuple(
         MeterUsage(

@@ -134,6 +134,9 @@ class Tenant(Base):
         _enum(BillingStatus, "billing_status"), default=BillingStatus.active
     )
     billing_reason: Mapped[str | None] = mapped_column(Text)
+    # When the Stripe event behind ``billing_status`` was created: Stripe does not deliver events
+    # in order, and an older one must not undo a newer one.
+    billing_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     policy: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

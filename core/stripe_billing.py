@@ -395,11 +395,19 @@ def _status_change(event_type: str, obj: dict[str, Any]) -> tuple[BillingStatus,
 
 
 async def apply_webhook_event(
-    session: AsyncSession, *, event_id: str, event_type: str, obj: dict[str, Any]
+    session: AsyncSession,
+    *,
+    event_id: str,
+    event_type: str,
+    obj: dict[str, Any],
+    created: datetime,
 ) -> WebhookOutcome:
     """Apply one verified Stripe event to the tenant whose customer it names, exactly once: the
     event id is stored (``stripe_events``) in the same transaction as the change it causes, so
-    a redelivered event does nothing and a failed one is retried whole by Stripe."""
+    a redelivered event does nothing and a failed one is retried whole by Stripe.
+
+    Stripe does not promise delivery order: an event ``created`` before the one the tenant's
+    status came from is recorded but changes nothing (``action="ignored"``)."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted = await session.execute(
         dialect.insert(StripeEvent)
@@ -415,12 +423,16 @@ async def apply_webhook_event(
     tenant = None
     if change is not None and isinstance(customer, str):
         tenant = await session.scalar(select(Tenant).where(Tenant.stripe_customer_id == customer))
-    if change is None or tenant is None:
+    stale = tenant is not None and (
+        tenant.billing_event_at is not None and created < tenant.billing_event_at
+    )
+    if change is None or tenant is None or stale:
         await session.commit()  # recorded, so a redelivery is not looked at again
         return WebhookOutcome(duplicate=False, action="ignored")
     status, reason = change
     tenant.billing_status = status
     tenant.billing_reason = reason if status is BillingStatus.suspended else None
+    tenant.billing_event_at = created
     if event_type.startswith("customer.subscription.") and obj.get("id"):
         tenant.stripe_subscription_id = str(obj["id"])
     await session.commit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -156,6 +156,7 @@ async def stripe_webhook(request: Request, session: SessionDep) -> WebhookAck:
         )
         event: dict[str, Any] = json.loads(payload)
         event_id, event_type = str(event["id"]), str(event["type"])
+        created = datetime.fromtimestamp(int(event["created"]), UTC)
         obj = event["data"]["object"]
         if not isinstance(obj, dict):
             raise ValueError("data.object is not an object")
@@ -163,9 +164,11 @@ async def stripe_webhook(request: Request, session: SessionDep) -> WebhookAck:
         raise DomainError(
             f"invalid Stripe signature: {exc.user_message or exc}", code="invalid_signature"
         ) from None
-    except (ValueError, KeyError, TypeError) as exc:  # signed, but not an event
+    except (ValueError, KeyError, TypeError, OverflowError, OSError) as exc:  # not an event
         raise DomainError(f"not a Stripe event: {exc}", code="invalid_event") from None
-    outcome = await apply_webhook_event(session, event_id=event_id, event_type=event_type, obj=obj)
+    outcome = await apply_webhook_event(
+        session, event_id=event_id, event_type=event_type, obj=obj, created=created
+    )
     if outcome.tenant_id is not None:
         gate: InferenceGate = request.app.state.inference_gate
         gate.forget(outcome.tenant_id)

@@ -98,13 +98,15 @@ def signed(
     return body.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}
 
 
-def event(type_: str, obj: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+def event(
+    type_: str, obj: dict[str, Any], event_id: str | None = None, created: int | None = None
+) -> dict[str, Any]:
     """A Stripe event envelope (the fields tuneloop reads, plus Stripe's usual ones)."""
     return {
         "id": event_id or f"evt_{secrets.token_hex(12)}",
         "object": "event",
         "api_version": "2026-10-28.endive",
-        "created": int(time.time()),
+        "created": created or int(time.time()),
         "livemode": False,
         "type": type_,
         "data": {"object": obj},

@@ -122,3 +122,20 @@ async def test_budget_must_be_sane(client: httpx.AsyncClient, tenant: TenantKeys
     for bad in ({"monthly_budget_usd": -1}, {"inference_over_budget": "maybe"}):
         r = await client.put("/v1/policy", headers=tenant.auth("admin"), json=bad)
         assert r.status_code == 422, r.text
+
+
+async def test_usage_since_a_date(
+    client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
+) -> None:
+    await spend(backend, tenant.id, 100)
+    for since, status in (
+        ("2020-01-01T00:00:00", 200),  # no zone: UTC
+        ("2020-01-01T00:00:00+02:00", 200),
+        ("2999-01-01T00:00:00Z", 200),
+        ("last tuesday", 422),
+    ):
+        r = await client.get("/v1/usage", params={"since": since}, headers=tenant.auth("admin"))
+        assert r.status_code == status, (since, r.text)
+        if status == 200:
+            quantity = r.json()["meters"][0]["quantity"]
+            assert quantity == (0 if since.startswith("2999") else 100), since

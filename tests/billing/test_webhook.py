@@ -138,6 +138,27 @@ async def test_a_redelivered_event_is_acted_on_once(
     assert (await billing_state(backend, t.id))[0] is BillingStatus.active
 
 
+async def test_an_older_event_arriving_late_changes_nothing(
+    make_billing_tenant, billing_client: httpx.AsyncClient, backend: Backend
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    customer = await customer_of(backend, t.id)
+    now = int(time.time())
+    failed = {"id": "in_1", "object": "invoice", "customer": customer}
+    paid = {"id": "in_1", "object": "invoice", "customer": customer}
+    # Stripe sent "failed" then "paid" (the retry succeeded), but they arrive the other way.
+    r = await post_event(billing_client, event("invoice.paid", paid, created=now))
+    assert r.json()["action"] == "restored"
+    r = await post_event(billing_client, event("invoice.payment_failed", failed, created=now - 60))
+    assert r.status_code == 200 and r.json()["action"] == "ignored"
+    assert (await billing_state(backend, t.id))[0] is BillingStatus.active
+    # A newer lapse still counts.
+    later = event(
+        "customer.subscription.updated", subscription(customer, "unpaid"), created=now + 1
+    )
+    assert (await post_event(billing_client, later)).json()["action"] == "suspended"
+
+
 async def test_forged_tampered_and_stale_events_are_refused(
     make_billing_tenant, billing_client: httpx.AsyncClient, backend: Backend
 ) -> None:  # type: ignore[no-untyped-def]

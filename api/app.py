@@ -21,6 +21,7 @@ from core.feedback import FeedbackWriter
 from core.keys import PrincipalCache
 from core.settings import ApiSettings
 from core.stripe_billing import StripeBilling
+from serving.gateway import AdapterJanitor
 from serving.local import LocalBackend
 from serving.types import ServingBackend
 from serving.vllm import VllmPoolBackend
@@ -100,6 +101,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.janitor.drain()
         if own_backend:
             await engine_backend.close()
         if app.state.stripe is not None:
@@ -119,6 +121,7 @@ def create_app(
     app.state.principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     app.state.backend = engine_backend
+    app.state.janitor = AdapterJanitor(engine_backend)  # unloads what promotions retired
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
     app.state.billing = BillingConfig.from_settings(settings)
     app.state.stripe = StripeBilling.from_settings(settings)  # None without STRIPE_API_KEY

@@ -1,18 +1,26 @@
 """The gateway's bookkeeping around an answer: every answer is an ``interactions`` row (so
-feedback knows exactly what it rates) and its tokens land in the usage ledger."""
+feedback knows exactly what it rates) and its tokens land in the usage ledger; and the adapters
+the registry retired are unloaded from the serving tier."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.ids import new_id
-from core.models import Interaction
+from core.models import AdapterVersion, Interaction
 from core.usage import INFERENCE_TOKENS, record_usage
+from serving import registry
 from serving.registry import Resolved
-from serving.types import Choice, GenerationRequest
+from serving.types import Choice, GenerationRequest, ServingBackend
+
+__all__ = ["AdapterJanitor", "new_interaction_ids", "record_answer"]
+
+log = logging.getLogger(__name__)
 
 
 def new_interaction_ids(n: int) -> list[str]:
@@ -38,7 +46,9 @@ async def record_answer(
         else [{"role": "user", "content": request.prompt or ""}]
     )
     sampling = {
-        k: v for k, v in asdict(request).items() if k not in ("adapter", "messages", "prompt")
+        k: v
+        for k, v in asdict(request).items()
+        if k not in ("adapter", "messages", "prompt", "fallback_to_base")
     }
     sampling["endpoint"] = endpoint
     for interaction_id, choice in zip(interaction_ids, choices, strict=True):
@@ -65,3 +75,76 @@ async def record_answer(
         idempotency_key=f"inference:{interaction_ids[0]}",
     )
     await session.commit()
+
+
+class AdapterJanitor:
+    """Unloads what the registry retired, so replicas do not fill up with dead adapters.
+
+    Promotion and rollback only flip the ``deployments`` pointer, and they also happen where no
+    serving backend exists (the Temporal worker's promote activity, another API process). So the
+    gateway watches what it serves: it remembers, per tenant, the serving name that ``default``
+    resolved to last, and when that changes it unloads the name left behind, in the background.
+    Promotions and rollbacks made through this process (``promote`` / ``rollback`` here) unload
+    at once. Best effort: a failure is logged and costs only cache space, and a retired version
+    that is asked for by id afterwards is simply loaded again.
+    """
+
+    def __init__(self, backend: ServingBackend) -> None:
+        self._backend = backend
+        self._default: dict[str, str | None] = {}  # tenant -> serving name (None: base)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def served_default(self, tenant_id: str, serving_name: str | None) -> None:
+        """``default`` resolved to ``serving_name`` for this tenant (called per request)."""
+        before = self._default.get(tenant_id, serving_name)  # first sight: nothing to compare
+        self._default[tenant_id] = serving_name
+        if before is not None and before != serving_name:
+            self.unload_soon(before)
+
+    async def promote(
+        self, session: AsyncSession, *, tenant_id: str, version_id: str
+    ) -> AdapterVersion:
+        """``registry.promote``, then unload the version it replaced."""
+        replaced = await self._live(session, tenant_id)
+        version = await registry.promote(session, tenant_id=tenant_id, version_id=version_id)
+        self._moved(tenant_id, replaced, version)
+        return version
+
+    async def rollback(self, session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
+        """``registry.rollback``, then unload the version rolled back."""
+        replaced = await self._live(session, tenant_id)
+        live = await registry.rollback(session, tenant_id=tenant_id)
+        self._moved(tenant_id, replaced, live)
+        return live
+
+    def unload_soon(self, serving_name: str) -> None:
+        task = asyncio.create_task(self._unload(serving_name))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the unloads under way (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _live(self, session: AsyncSession, tenant_id: str) -> AdapterVersion | None:
+        version_id = await registry.live_version_id(session, tenant_id=tenant_id)
+        if version_id is None:
+            return None
+        return await registry.get_version(session, tenant_id=tenant_id, version_id=version_id)
+
+    def _moved(
+        self, tenant_id: str, replaced: AdapterVersion | None, live: AdapterVersion | None
+    ) -> None:
+        live_name = live.serving_name if live is not None else None
+        self._default[tenant_id] = live_name
+        if replaced is not None and replaced.serving_name != live_name:
+            self.unload_soon(replaced.serving_name)
+
+    async def _unload(self, serving_name: str) -> None:
+        try:
+            await self._backend.unload(serving_name)
+        except Exception:  # logged, not raised: nobody waits for this, and a miss is harmless
+            log.warning("could not unload retired adapter %s", serving_name, exc_info=True)
+        else:
+            log.info("unloaded retired adapter %s", serving_name)

@@ -5,6 +5,11 @@ answers concurrent requests — different tenants included — with one ``genera
 ``adapter_names`` pick each row's adapter, which PEFT computes row by row with the same outputs
 as serving each alone (measured in feasibility-ml.md §5), at 3-5x the throughput of one request
 after the other. The model runs in one dedicated thread; the event loop never blocks on it.
+
+An adapter that fails to load (missing or corrupt files, weights that do not fit the base model)
+fails only the requests that asked for it, with 503 ``adapter_unavailable`` — or, where the
+request's tenant policy allows it, they are answered from the base model and marked
+``FALLBACK``; the rest of the batch is answered as usual.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.types import AdapterRef, Choice, Generation, GenerationRequest
+from core.errors import Unavailable
+from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest, Served
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,7 @@ PEFT_BASE_ROW = "__base__"  # PEFT's adapter name for "no adapter" inside a mixe
 class _Job:
     request: GenerationRequest
     done: asyncio.Future[Generation]
-    on_text: Callable[[str], None] | None = None  # set for streaming jobs
-    rows: list[int] = field(default_factory=list)
+    on_text: Callable[[str | Served], None] | None = None  # set for streaming jobs
 
 
 class LocalBackend:
@@ -62,13 +67,13 @@ class LocalBackend:
     async def generate(self, request: GenerationRequest) -> Generation:
         return await self._submit(_Job(request, asyncio.get_running_loop().create_future()))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Served | str | Generation]:
         if request.n != 1:
             raise ValueError("streaming answers one choice at a time (n=1)")
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        pieces: asyncio.Queue[Served | str | None] = asyncio.Queue()
 
-        def on_text(text: str) -> None:
+        def on_text(text: str | Served) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         job = _Job(request, loop.create_future(), on_text=on_text)
@@ -83,6 +88,11 @@ class LocalBackend:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Serving names loaded now, least recently used first (operators, tests)."""
+        return list(self._loaded)
 
     # --- batching ---------------------------------------------------------------------------
 
@@ -105,7 +115,11 @@ class LocalBackend:
                         job.done.set_exception(exc)
                 continue
             for job, result in zip(group, results, strict=True):
-                if not job.done.done():
+                if job.done.done():
+                    continue
+                if isinstance(result, Exception):  # this job's adapter failed, not the batch
+                    job.done.set_exception(result)
+                else:
                     job.done.set_result(result)
 
     def _take_group(self) -> list[_Job]:
@@ -115,17 +129,22 @@ class LocalBackend:
             return [first]  # a streamer or a seed needs a call of its own
         key = _sampling_key(first.request)
         group, rows = [first], first.request.n
+        adapters = {_adapter_name(first.request)}
         for job in list(self._pending):
             if rows + job.request.n > self.max_batch:
                 break
+            # All of a batch's adapters must be loaded at once: at most max_adapters of them.
+            more = adapters | {_adapter_name(job.request)}
             if (
                 job.on_text is None
                 and job.request.seed is None
                 and _sampling_key(job.request) == key
+                and len(more - {None}) <= self.max_adapters
             ):
                 self._pending.remove(job)
                 group.append(job)
                 rows += job.request.n
+                adapters = more
         return group
 
     # --- the model thread -------------------------------------------------------------------
@@ -140,19 +159,39 @@ class LocalBackend:
             self._tokenizer.padding_side = "left"
             log.info("serving base model %s", self.base_model)
 
-    def _use(self, adapters: set[AdapterRef]) -> None:
-        """Load the batch's adapters, evicting the least recently used ones it does not need."""
-        from peft import PeftModel
-
-        for ref in adapters:
+    def _use(self, adapters: set[AdapterRef]) -> dict[str, Exception]:
+        """Load the batch's adapters, evicting the least recently used ones it does not need.
+        Returns the adapters that failed to load, with why; the others are ready."""
+        failed: dict[str, Exception] = {}
+        needed = {a.serving_name for a in adapters}
+        for ref in sorted(adapters, key=lambda a: a.serving_name):
             if ref.serving_name in self._loaded:
                 self._loaded.move_to_end(ref.serving_name)
                 continue
             while len(self._loaded) >= self.max_adapters:
-                victim = next(
-                    n for n in self._loaded if n not in {a.serving_name for a in adapters}
-                )
-                self._evict(victim)
+                self._evict(next(n for n in self._loaded if n not in needed))
+            try:
+                self._load(ref)
+            except Exception as exc:  # handed to the requests that use this adapter
+                log.warning("cannot load adapter %s: %s", ref.serving_name, str(exc)[:300])
+                failed[ref.serving_name] = exc
+                if self._model is None:
+                    # The failure left the base model unusable and it was dropped (see
+                    # _discard): load it again, then the batch's other adapters.
+                    self._ensure_loaded()
+                    rest = {a for a in adapters if a.serving_name not in failed}
+                    return failed | self._use(rest)
+        return failed
+
+    def _load(self, ref: AdapterRef) -> None:
+        from peft import PeftConfig, PeftModel
+        from peft.utils import load_peft_weights
+
+        # Read both files before touching the model: a missing or corrupt adapter (the usual
+        # failure) then fails here and leaves the model exactly as it was.
+        PeftConfig.from_pretrained(str(ref.path))
+        load_peft_weights(str(ref.path), device="cpu")
+        try:
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(ref.path), adapter_name=ref.serving_name)
             else:
@@ -160,8 +199,31 @@ class LocalBackend:
                     self._model, str(ref.path), adapter_name=ref.serving_name
                 )
                 self._model.eval()
-            self._loaded[ref.serving_name] = ref.path
-            log.info("loaded adapter %s", ref.serving_name)
+        except Exception:
+            self._discard(ref.serving_name)
+            raise
+        self._loaded[ref.serving_name] = ref.path
+        log.info("loaded adapter %s", ref.serving_name)
+
+    def _discard(self, serving_name: str) -> None:
+        """Undo a load that failed after PEFT began injecting the adapter's layers (weights
+        that do not fit the base model): its layers would otherwise change every answer."""
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(self._model, PeftModel) and serving_name in self._model.peft_config:
+            self._model.delete_adapter(serving_name)
+        leftovers = any(
+            isinstance(m, BaseTunerLayer)
+            and any(serving_name in getattr(m, attr, {}) for attr in m.adapter_layer_names)
+            for m in self._model.modules()
+        )
+        if leftovers:
+            # E.g. PeftModel.from_pretrained injected into the bare base model, then failed:
+            # that model is no longer the base. Start again from the files (seconds, and rare).
+            log.warning("dropping the model after a partial load of %s", serving_name)
+            self._model, self._tokenizer = None, None
+            self._loaded.clear()
 
     def _evict(self, serving_name: str) -> None:
         if serving_name in self._loaded:
@@ -177,16 +239,40 @@ class LocalBackend:
             return text
         return request.prompt or ""
 
-    def _run(self, group: list[_Job]) -> list[Generation]:
+    def _run(self, group: list[_Job]) -> list[Generation | Exception]:
+        """Each job's answer, or the error of a job whose adapter could not be loaded."""
+        self._ensure_loaded()
+        failed = self._use({j.request.adapter for j in group if j.request.adapter is not None})
+        outcomes: list[Generation | Exception | None] = [None] * len(group)
+        served: list[tuple[_Job, str]] = []  # the jobs that get an answer, and from what
+        for i, job in enumerate(group):
+            ref = job.request.adapter
+            if ref is None:
+                served.append((job, "base"))
+            elif ref.serving_name not in failed:
+                served.append((job, ref.serving_name))
+            elif job.request.fallback_to_base:
+                log.warning("serving %s from the base model (tenant policy)", ref.serving_name)
+                served.append((job, FALLBACK))
+            else:
+                error = Unavailable(
+                    f"the adapter {ref.serving_name} cannot be served right now",
+                    code="adapter_unavailable",
+                )
+                error.__cause__ = failed[ref.serving_name]
+                outcomes[i] = error
+        answers = iter(self._generate(served) if served else [])
+        return [o if o is not None else next(answers) for o in outcomes]
+
+    def _generate(self, served: list[tuple[_Job, str]]) -> list[Generation]:
         import torch
 
-        self._ensure_loaded()
-        self._use({j.request.adapter for j in group if j.request.adapter is not None})
+        group = [job for job, _ in served]
         tok = self._tokenizer
         texts, adapter_rows = [], []
-        for job in group:
+        for job, served_by in served:
             text = self._prompt_text(job.request)
-            name = job.request.adapter.serving_name if job.request.adapter else PEFT_BASE_ROW
+            name = served_by if served_by not in ("base", FALLBACK) else PEFT_BASE_ROW
             texts += [text] * job.request.n
             adapter_rows += [name] * job.request.n
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -207,6 +293,7 @@ class LocalBackend:
             torch.manual_seed(first.seed)
         streamer = None
         if group[0].on_text is not None:
+            group[0].on_text(Served(served[0][1]))
             streamer = _Streamer(tok, group[0].on_text, first.stop)
             kwargs["streamer"] = streamer
         with torch.no_grad():
@@ -214,18 +301,21 @@ class LocalBackend:
         self.batches_run += 1
         width = enc["input_ids"].shape[1]
         results, row = [], 0
-        for job in group:
+        for job, served_by in served:
             choices = []
             for _ in range(job.request.n):
                 ids = out[row, width:].tolist()
                 choices.append(_finish(tok, ids, job.request))
                 row += 1
             prompt_tokens = int(enc["attention_mask"][row - 1].sum())
-            served = job.request.adapter.serving_name if job.request.adapter else "base"
             results.append(
-                Generation(choices=choices, prompt_tokens=prompt_tokens, served_by=served)
+                Generation(choices=choices, prompt_tokens=prompt_tokens, served_by=served_by)
             )
         return results
+
+
+def _adapter_name(r: GenerationRequest) -> str | None:
+    return r.adapter.serving_name if r.adapter is not None else None
 
 
 def _sampling_key(r: GenerationRequest) -> tuple[bool, float, float]:
@@ -257,7 +347,9 @@ def _clean(text: str) -> str:
 class _Streamer:
     """Hands decoded text to the event loop as tokens arrive (transformers' streamer protocol)."""
 
-    def __init__(self, tok: Any, on_text: Callable[[str], None], stop: tuple[str, ...]) -> None:
+    def __init__(
+        self, tok: Any, on_text: Callable[[str | Served], None], stop: tuple[str, ...]
+    ) -> None:
         self.tok, self.on_text, self.stop = tok, on_text, stop
         self.prompt_seen = False
         self.ids: list[int] = []

@@ -32,6 +32,10 @@ class GenerationRequest:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    fallback_to_base: bool = False
+    """The tenant's policy: when ``adapter`` cannot be served (missing or unloadable files, a
+    load that times out), answer from the base model with ``served_by`` ``FALLBACK`` instead of
+    failing with 503 ``adapter_unavailable``."""
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,28 @@ class Generation:
     """The serving name that computed the answer, or ``base``."""
 
 
+@dataclass(frozen=True)
+class Served:
+    """The first item of a stream: who computes the answer (a serving name, ``base`` or
+    ``FALLBACK``), known once routing and adapter loading are done and before any text, so the
+    gateway can say so in the response headers."""
+
+    served_by: str
+
+
 class ServingBackend(Protocol):
     """The engine behind the gateway: it computes; the gateway authorizes, routes and meters."""
 
     async def generate(self, request: GenerationRequest) -> Generation: ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
-        """Text pieces of a single answer (``n == 1``) as they are produced; the last item is
-        the finished ``Generation`` (token counts, finish reason)."""
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Served | str | Generation]:
+        """A single answer (``n == 1``): first ``Served``, then text pieces as they are
+        produced; the last item is the finished ``Generation`` (token counts, finish reason).
+        Errors before ``Served`` (an adapter that cannot be served) are the request's errors."""
         ...
 
-    async def unload(self, serving_name: str) -> None: ...
+    async def unload(self, serving_name: str) -> None:
+        """Forget a retired adapter (best effort); asking for it again loads it again."""
+        ...
 
     async def close(self) -> None: ...

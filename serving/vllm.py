@@ -15,10 +15,14 @@ that also run tuneloop's resolver plugin (``serving.vllm_resolver``) find adapte
 their own, which makes that retry rare; the backend works with or without it.
 
 Fallback. When an adapter cannot be loaded (missing or incompatible files, a load that times
-out), the request fails with 503 ``adapter_unavailable`` — unless ``fallback_to_base`` is set,
-in which case the base model answers and ``Generation.served_by`` says ``"base (fallback)"`` so
-the caller can tell (and so the gateway can record that no adapter computed the answer). When no
-replica is reachable at all there is nothing to fall back to: 503 ``serving_unavailable``.
+out), the request fails with 503 ``adapter_unavailable`` — unless the request's
+``fallback_to_base`` (its tenant's policy) is set, in which case the base model answers and
+``Generation.served_by`` says ``"base (fallback)"`` so the caller can tell (and so the gateway
+can record that no adapter computed the answer). When no replica is reachable at all there is
+nothing to fall back to: 503 ``serving_unavailable``.
+
+Unloading. ``unload`` removes a retired version's name from every replica that is up (a
+failover may have loaded it away from its owner), so replicas do not collect dead adapters.
 
 Safety. vLLM takes adapter names and paths at face value (its filesystem resolver follows
 ``../``), so this backend only ever sends names that ``serving.names`` generated, and the
@@ -42,13 +46,11 @@ import httpx
 
 from core.errors import InvalidInput, Unavailable
 from serving.names import is_serving_name
-from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest
+from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest, Served
 
 __all__ = ["HashRing", "VllmPoolBackend"]
 
 log = logging.getLogger(__name__)
-
-"""``Generation.served_by`` when the base model answered because the adapter could not be served."""
 
 _T = TypeVar("_T")
 
@@ -109,7 +111,6 @@ class VllmPoolBackend:
         self,
         urls: Sequence[str],
         *,
-        fallback_to_base: bool = False,
         base_model_name: str | None = None,
         request_timeout: float = 300.0,
         connect_timeout: float = 3.0,
@@ -120,8 +121,6 @@ class VllmPoolBackend:
         """
         Args:
             urls: base URLs of the replicas (``http://host:port``), private network only.
-            fallback_to_base: answer from the base model, marked ``"base (fallback)"``, when an
-                adapter cannot be loaded; otherwise such requests fail with 503.
             base_model_name: the base model's name on the replicas (``--served-model-name``);
                 discovered from ``GET /v1/models`` when not given.
             request_timeout: seconds a completion may take before it fails with 503.
@@ -133,7 +132,6 @@ class VllmPoolBackend:
         urls = [u.rstrip("/") for u in urls]
         if not urls:
             raise ValueError("the vLLM pool needs at least one replica URL")
-        self.fallback_to_base = fallback_to_base
         self.load_timeout = load_timeout
         self.retry_dead_after = retry_dead_after
         self._replicas = {u: _Replica(u, base_name=base_model_name) for u in urls}
@@ -158,7 +156,7 @@ class VllmPoolBackend:
 
         return await self._route(request, call)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Served | str | Generation]:
         if request.n != 1:
             raise ValueError("streaming answers one choice at a time (n=1)")
 
@@ -181,6 +179,7 @@ class VllmPoolBackend:
         # a failure can only end the stream.
         opened = await self._route(request, call)
         try:
+            yield Served(opened.served_by)
             async for item in _read_sse(opened.response, request, opened.served_by):
                 yield item
         except httpx.TransportError as exc:
@@ -247,7 +246,7 @@ class VllmPoolBackend:
             except _ReplicaDown:
                 continue  # already marked dead: the next replica on the ring takes the adapter
             except _LoadFailed as exc:
-                if not self.fallback_to_base:
+                if not request.fallback_to_base:
                     raise Unavailable(
                         f"the adapter {adapter.serving_name} cannot be served right now",
                         code="adapter_unavailable",

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from api.deps import AdminTenantDep, SessionDep
 from api.schemas import ListOf
 from core.models import AdapterVersion
 from serving import registry
+from serving.gateway import AdapterJanitor
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -64,14 +65,19 @@ async def list_adapters(session: SessionDep, tenant_id: AdminTenantDep) -> ListO
 
 
 @router.post("/{version_id}/promote")
-async def promote(version_id: str, session: SessionDep, tenant_id: AdminTenantDep) -> AdapterOut:
+async def promote(
+    version_id: str, request: Request, session: SessionDep, tenant_id: AdminTenantDep
+) -> AdapterOut:
     """Serve this version as ``default`` from the next request on (no restart)."""
-    version = await registry.promote(session, tenant_id=tenant_id, version_id=version_id)
+    # Through the janitor: the version this replaces is unloaded from the serving tier too.
+    janitor: AdapterJanitor = request.app.state.janitor
+    version = await janitor.promote(session, tenant_id=tenant_id, version_id=version_id)
     return AdapterOut.of(version, version.id)
 
 
 @router.post("/rollback")
-async def rollback(session: SessionDep, tenant_id: AdminTenantDep) -> RollbackOut:
+async def rollback(request: Request, session: SessionDep, tenant_id: AdminTenantDep) -> RollbackOut:
     """Go back to the version promoted before the live one (or to the base model)."""
-    live = await registry.rollback(session, tenant_id=tenant_id)
+    janitor: AdapterJanitor = request.app.state.janitor
+    live = await janitor.rollback(session, tenant_id=tenant_id)
     return RollbackOut(live=live.id if live is not None else registry.BASE)

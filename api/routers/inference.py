@@ -25,15 +25,17 @@ from api.schemas_inference import (
 )
 from core.billing import InferenceGate
 from core.errors import InvalidInput
-from serving.gateway import new_interaction_ids, record_answer
+from core.models import Tenant
+from core.policy import policy_of
+from serving.gateway import AdapterJanitor, new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
-from serving.types import FALLBACK, Generation, GenerationRequest, ServingBackend
+from serving.types import FALLBACK, Generation, GenerationRequest, Served, ServingBackend
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
 def _generation_request(
-    body: ChatCompletionRequest | CompletionRequest, resolved: Resolved
+    body: ChatCompletionRequest | CompletionRequest, resolved: Resolved, *, fallback_to_base: bool
 ) -> GenerationRequest:
     unsupported = body.refuse_unsupported()
     if unsupported is not None:
@@ -56,6 +58,7 @@ def _generation_request(
         n=body.n,
         stop=body.stops,
         seed=body.seed,
+        fallback_to_base=fallback_to_base,
     )
 
 
@@ -74,19 +77,40 @@ async def _answer(
     gate: InferenceGate = request.app.state.inference_gate
     await gate.check(tenant_id)
     resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
-    gen_request = _generation_request(body, resolved)
+    if body.model == DEFAULT:  # a promotion or rollback elsewhere shows here: unload the old one
+        janitor: AdapterJanitor = request.app.state.janitor
+        janitor.served_default(
+            tenant_id, resolved.adapter.serving_name if resolved.adapter else None
+        )
+    fallback_to_base = False
+    if resolved.adapter is not None:  # the tenant's policy decides; one primary-key read
+        tenant = await session.get(Tenant, tenant_id)
+        fallback_to_base = tenant is not None and policy_of(tenant.policy).fallback_to_base
+    gen_request = _generation_request(body, resolved, fallback_to_base=fallback_to_base)
     # Hand the connection back while the model works (seconds): otherwise concurrent requests
     # exhaust the pool. Recording the answer takes one again.
     await session.close()
     ids = new_interaction_ids(body.n)
     started = time.perf_counter()
     if body.stream:
+        # Routing and adapter loading finish before the first item: their errors are this
+        # request's (503 adapter_unavailable), and a fallback is known in time for the headers.
+        pieces = backend.stream(gen_request)
+        served = await anext(pieces)
+        if not isinstance(served, Served):
+            raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
+        if served.served_by == FALLBACK:
+            resolved = Resolved(None, None, fallback=True)
         return StreamingResponse(
             _stream(
-                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], backend
+                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], pieces
             ),
             media_type="text/event-stream",
-            headers={"X-Interaction-Id": ids[0], "Cache-Control": "no-cache"},
+            headers={
+                "X-Interaction-Id": ids[0],
+                "X-Served-By": resolved.label,
+                "Cache-Control": "no-cache",
+            },
         )
     generation = await backend.generate(gen_request)
     if generation.served_by == FALLBACK:  # say so, and record what really answered
@@ -115,7 +139,7 @@ async def _stream(
     resolved: Resolved,
     gen_request: GenerationRequest,
     interaction_id: str,
-    backend: ServingBackend,
+    pieces: AsyncIterator[Served | str | Generation],
 ) -> AsyncIterator[bytes]:
     started = time.perf_counter()
     created = int(time.time())
@@ -134,7 +158,7 @@ async def _stream(
             "id": interaction_id,
             "object": kind,
             "created": created,
-            "model": model,
+            "model": resolved.label if resolved.fallback else model,
             "choices": [choice],
             "interaction_id": interaction_id,
             "served_by": resolved.label,
@@ -142,7 +166,9 @@ async def _stream(
 
     if chat:
         yield sse(chunk(None, None, role=True))
-    async for piece in backend.stream(gen_request):
+    async for piece in pieces:
+        if isinstance(piece, Served):
+            continue  # already taken by _answer
         if isinstance(piece, Generation):
             finish = piece.choices[0].finish_reason
             yield sse(chunk(None, finish))
@@ -171,7 +197,8 @@ def _common(
     return {
         "id": ids[0],
         "created": int(time.time()),
-        "model": body.model,
+        # A fallback says so where clients look first; otherwise the model that was asked for.
+        "model": resolved.label if resolved.fallback else body.model,
         "interaction_id": ids[0],
         "served_by": resolved.label,
         "usage": usage_of(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from core.artifacts import ArtifactStore
 from core.db import create_engine, create_sessionmaker
 from core.models import Interaction, UsageRecord
 from serving import registry
-from serving.types import FALLBACK
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
 
@@ -256,36 +254,3 @@ async def test_generation_does_not_hold_a_database_connection(
     finally:
         await engine.dispose()
     assert len(answers) == 4
-
-
-class FallbackEngine(SlowEngine):
-    """An engine that could not load the adapter and answered from the base model."""
-
-    async def generate(self, request: Any) -> Any:
-        answer = await self.inner.generate(dataclasses.replace(request, adapter=None))
-        return dataclasses.replace(answer, served_by=FALLBACK)
-
-
-async def test_a_fallback_answer_says_so_and_is_recorded_as_base(
-    client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend, adapter_dirs: list[Path]
-) -> None:
-    version = await register(backend, tenant.id, adapter_dirs[0])
-    await client.post(f"/v1/adapters/{version}/promote", headers=tenant.auth("admin"))
-    app = create_app(
-        backend.settings,
-        engine=backend.engine,
-        backend=FallbackEngine(client._transport.app.state.backend),
-    )  # type: ignore[attr-defined]
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test"
-    ) as c:
-        r = await c.post(
-            "/v1/chat/completions",
-            headers=tenant.auth(),
-            json={"model": "default", "messages": PROMPT, "max_tokens": 4},
-        )
-    assert r.status_code == 200
-    assert r.json()["served_by"] == r.headers["x-served-by"] == FALLBACK
-    async with create_sessionmaker(backend.engine)() as s:
-        row = await s.get(Interaction, r.json()["interaction_id"])
-    assert row is not None and row.adapter_version_id is None and row.model == FALLBACK

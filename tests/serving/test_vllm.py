@@ -9,6 +9,8 @@ kills one restarts it in the background and the next test waits for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -29,7 +31,8 @@ from core.errors import Unavailable
 from core.models import Interaction
 from core.settings import ApiSettings
 from serving import registry
-from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest
+from serving.gateway import AdapterJanitor
+from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest, Served
 from serving.vllm import HashRing, VllmPoolBackend
 from serving.vllm_resolver import adapter_dir
 from tests.conftest import Backend, TenantKeys, free_port
@@ -263,6 +266,7 @@ class Gateway:
     replicas: Pool
     backend: Backend
     store: ArtifactStore
+    janitor: AdapterJanitor
 
     def oai(self, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -307,7 +311,7 @@ async def gw(backend: Backend, vllm_pool: Pool) -> AsyncIterator[Gateway]:
     app = create_app(settings, engine=backend.engine, backend=pool)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://tuneloop.test") as http:
-        yield Gateway(http, pool, vllm_pool, backend, app.state.store)
+        yield Gateway(http, pool, vllm_pool, backend, app.state.store, app.state.janitor)
     await pool.close()
 
 
@@ -476,18 +480,89 @@ async def test_an_adapter_that_cannot_load_fails_or_falls_back(
     with pytest.raises(Unavailable) as err:
         await gw.pool.generate(request)
     assert err.value.code == "adapter_unavailable" and err.value.status == 503
-    fallback = VllmPoolBackend(gw.replicas.urls, fallback_to_base=True)
-    try:
-        answer = await fallback.generate(request)
-        base = await fallback.generate(
-            GenerationRequest(adapter=None, messages=MESSAGES, max_tokens=12, temperature=0)
+    with pytest.raises(Unavailable):  # before any text: the gateway can still answer 503
+        await anext(gw.pool.stream(request))
+    # The same pool, for a request whose tenant policy allows the base model.
+    fallback = dataclasses.replace(request, fallback_to_base=True)
+    answer = await gw.pool.generate(fallback)
+    base = await gw.pool.generate(dataclasses.replace(request, adapter=None))
+    assert answer.served_by == FALLBACK and base.served_by == "base"
+    assert answer.choices == base.choices
+    pieces = [p async for p in gw.pool.stream(fallback)]
+    assert pieces[0] == Served(FALLBACK)
+    assert isinstance(pieces[-1], Generation) and pieces[-1].served_by == FALLBACK
+
+
+async def test_tenant_policy_decides_the_fallback_through_the_api(
+    gw: Gateway, make_tenant: Callable[[], Awaitable[TenantKeys]], tmp_path: Path
+) -> None:
+    """Both tenants' live adapter cannot load (rank 16 > the replicas' max rank 8); only the
+    tenant whose policy allows it gets answers, from the base model and marked as such."""
+    too_big = make_vllm_adapter(gw.replicas.model, tmp_path / "r16", seed=6, rank=16)
+    allows, refuses = await make_tenant(), await make_tenant()
+    r = await gw.http.put(
+        "/v1/policy", headers=allows.auth("admin"), json={"fallback_to_base": True}
+    )
+    assert r.status_code == 200
+    for tenant in (allows, refuses):
+        version, _ = await gw.register(tenant.id, too_big)
+        await gw.promote(tenant, version)
+    body = {"model": "default", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    base = await gw.http.post(
+        "/v1/chat/completions", headers=allows.auth(), json=body | {"model": "base"}
+    )
+    r = await gw.http.post("/v1/chat/completions", headers=allows.auth(), json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == r.json()["served_by"] == r.headers["x-served-by"] == FALLBACK
+    assert r.json()["choices"][0]["message"] == base.json()["choices"][0]["message"]
+    async with gw.http.stream(
+        "POST", "/v1/chat/completions", headers=allows.auth(), json=body | {"stream": True}
+    ) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["x-served-by"] == FALLBACK
+        events = [
+            json.loads(line.removeprefix("data: "))
+            async for line in streamed.aiter_lines()
+            if line.startswith("data: {")
+        ]
+    assert {e["model"] for e in events} == {FALLBACK}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == base.json()["choices"][0]["message"]["content"]
+    for stream in (False, True):
+        r = await gw.http.post(
+            "/v1/chat/completions", headers=refuses.auth(), json=body | {"stream": stream}
         )
-        assert answer.served_by == FALLBACK and base.served_by == "base"
-        assert answer.choices == base.choices
-        pieces = [p async for p in fallback.stream(request)]
-        assert isinstance(pieces[-1], Generation) and pieces[-1].served_by == FALLBACK
-    finally:
-        await fallback.close()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable"
+
+
+async def test_retired_versions_leave_the_replicas(
+    gw: Gateway, tenant: TenantKeys, adapters: list[Path]
+) -> None:
+    (v1, name1), (v2, name2), (v3, name3) = [
+        await gw.register(tenant.id, adapter) for adapter in adapters[:3]
+    ]
+    c = gw.oai(tenant.product)
+
+    async def listed_anywhere() -> set[str]:
+        await gw.janitor.drain()  # the unloads run in the background
+        names = set().union(*[await listed(url) for url in gw.replicas.urls])
+        return names & {name1, name2, name3}
+
+    await gw.promote(tenant, v1)
+    first = await ask(c)
+    assert await listed_anywhere() == {name1}
+    await gw.promote(tenant, v2)  # through the API: the replaced version is unloaded at once
+    assert await listed_anywhere() == set()
+    await ask(c)
+    assert await listed_anywhere() == {name2}
+    # A promotion by the Temporal worker goes straight to the registry: the next request for
+    # ``default`` notices and unloads the version it replaced.
+    async with create_sessionmaker(gw.backend.engine)() as s:
+        await registry.promote(s, tenant_id=tenant.id, version_id=v3)
+    await ask(c)
+    assert await listed_anywhere() == {name3}
+    # A retired version asked for by id is loaded again.
+    assert await ask(c, v1) == first
+    assert await listed_anywhere() == {name1, name3}
 
 
 async def test_a_killed_replicas_tenants_move_to_the_other(

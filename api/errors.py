@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -78,7 +79,7 @@ async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
         # An authenticated caller naming something it does not own looks exactly like a miss to
         # the caller; the operator sees who probed what. Method and path only: no key, no body.
         log.warning(
-            "not found for tenant %s (%s key %s): %s %s [%s]",
+            "not found for tenant %s (%s key %s): %s %r [%s]",
             principal.tenant_id or "-",
             principal.role.value,
             principal.key_id,
@@ -123,7 +124,79 @@ async def _on_database_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+class ErrorBody(BaseModel):
+    code: str
+    """Stable, machine-readable: what went wrong."""
+    message: str
+    """What to change in the request."""
+    details: Any = None
+    """Per-field problems (``field``, ``message``, ``index`` in a batch), or null."""
+
+
+class ErrorEnvelope(BaseModel):
+    """Every 4xx/5xx answer of the API."""
+
+    error: ErrorBody
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "the body is not valid JSON",
+    401: "missing, unknown or revoked API key",
+    403: "this key's role may not use this route, or its tenant is suspended",
+    404: "no such object for the caller's tenant (another tenant's objects included)",
+    413: "the request body is too large",
+    422: "invalid request; `details` says which fields",
+    503: "a dependency (database, Temporal, serving tier) is unavailable; nothing was done, retry",
+}
+
+
+def _error_codes(operation: dict[str, Any]) -> set[int]:
+    """The error statuses the shared machinery can answer on an operation, read off the
+    operation itself: authentication and roles (and the key lookup needs the database), the body
+    limit and JSON parsing, validation, path lookups. Route-specific ones (409, 402, ...) are
+    declared with ``responses=`` on the route."""
+    codes = set()
+    if operation.get("security"):
+        codes |= {401, 403, 503}
+    if "requestBody" in operation:
+        codes |= {400, 413, 422}
+    parameters = operation.get("parameters", [])
+    if any(p.get("in") == "path" for p in parameters):
+        codes.add(404)
+    if parameters:
+        codes.add(422)
+    return codes
+
+
+def _document_errors(doc: dict[str, Any]) -> None:
+    """Put the error envelope, for every status an operation can answer with, into the OpenAPI
+    document (FastAPI would otherwise document 422 as its own, different validation body)."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    envelope = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(envelope.pop("$defs", {}))
+    schemas["ErrorEnvelope"] = envelope
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for code in sorted(_error_codes(operation)):
+                responses.setdefault(str(code), {"description": _ERROR_DESCRIPTIONS[code]})
+            for code, response in responses.items():
+                if code[:1] in ("4", "5"):
+                    response["content"] = content
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_errors(generate())
+        return app.openapi_schema  # type: ignore[return-value]  # set by generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's way to extend the document
     app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.schemas import MAX_TEXT, Message, RequestModel
 
 MAX_TOKENS = 2048
+SAMPLING_EPS = 1e-5
 # Parameters clients send that tuneloop cannot honour: refused, rather than silently ignored.
 UNSUPPORTED = (
     "tools",
@@ -37,8 +38,16 @@ class _Sampling(RequestModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=8)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    # int64, as OpenAI documents it; torch refuses seeds it cannot unpack.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_epsilon(cls, value: float) -> float:
+        # Dividing logits by a temperature of, say, 1e-300 overflows to inf and sampling fails
+        # on NaN probabilities; such a temperature means greedy, as vLLM treats it (< 1e-5).
+        return 0.0 if value < SAMPLING_EPS else value
 
     def refuse_unsupported(self) -> str | None:
         extra = self.model_extra or {}
@@ -72,7 +81,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(max_length=MAX_TEXT)
+    # Not empty: an empty prompt is zero tokens, which no model can continue (vLLM refuses it too).
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 class Usage(BaseModel):

@@ -75,7 +75,7 @@ async def promote(
     return AdapterOut.of(version, version.id)
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses={409: {"description": "nothing to roll back: base is served"}})
 async def rollback(request: Request, session: SessionDep, tenant_id: AdminTenantDep) -> RollbackOut:
     """Go back to the version promoted before the live one (or to the base model)."""
     janitor: AdapterJanitor = request.app.state.janitor

@@ -29,7 +29,7 @@ async def list_keys(session: SessionDep, tenant_id: AdminTenantDep) -> ListOf[Ke
     )
 
 
-@router.delete("/{key_id}")
+@router.delete("/{key_id}", responses={409: {"description": "the tenant's last active admin key"}})
 async def revoke_key(
     key_id: str, session: SessionDep, tenant_id: AdminTenantDep, cache: PrincipalCacheDep
 ) -> KeyOut:

@@ -136,7 +136,8 @@ async def run_events(
     run_id: str,
     session: SessionDep,
     tenant_id: AdminTenantDep,
-    after: Annotated[int, Query(ge=0, description="the last event id you have")] = 0,
+    # Bounded to the column's range: a larger integer cannot even be bound as a query parameter.
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ListOf[EventOut]:
     """Oldest first, like OpenAI's fine-tuning job events; poll with ``after``."""

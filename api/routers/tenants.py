@@ -27,7 +27,11 @@ def _created(issued: IssuedKey) -> KeyCreated:
     return KeyCreated(**KeyOut.of(issued.row).model_dump(), key=issued.secret)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={409: {"description": "the slug is taken"}},
+)
 async def create_tenant(
     body: TenantCreate, request: Request, session: SessionDep, _: PlatformDep
 ) -> TenantCreated:

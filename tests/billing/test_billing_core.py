@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 
 from core.billing import (
     BillingConfig,
+    InferenceGate,
     check_training_allowed,
     estimate_run_cost,
     month_start,
@@ -165,3 +166,23 @@ async def test_suspended_billing_refuses_training(backend: Backend) -> None:
             await check_training_allowed(session, tenant_id=tenant_id)
     assert refused.value.status == 402 and refused.value.code == "billing_suspended"
     assert "sub_1 is past_due" in refused.value.message
+
+
+async def test_inference_gate_memoizes_and_forgets(backend: Backend) -> None:
+    """The hot path asks the database once per ``ttl`` per tenant; ``forget`` (what the webhook
+    calls) makes a change count at once."""
+    tenant_id = await _tenant(backend)
+    config = BillingConfig(unpaid_blocks_inference=True)
+    gate = InferenceGate(create_sessionmaker(backend.engine), config, ttl=3600)
+    await gate.check(tenant_id)
+    async with create_sessionmaker(backend.engine)() as session:
+        tenant = await session.get(Tenant, tenant_id)
+        assert tenant is not None
+        tenant.billing_status = BillingStatus.suspended
+        await session.commit()
+    await gate.check(tenant_id)  # still the memo: no query was made
+    gate.forget(tenant_id)
+    for _ in range(2):  # refused, and refused again from the memo
+        with pytest.raises(BillingSuspended) as refused:
+            await gate.check(tenant_id)
+        assert "inference is suspended" in refused.value.message

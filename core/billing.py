@@ -19,7 +19,7 @@ from decimal import Decimal
 from sqlalchemy import String, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.errors import BillingSuspended, BudgetExceeded, NotFound
+from core.errors import BillingSuspended, BudgetExceeded, InvalidInput, NotFound
 from core.models import BillingStatus, Feedback, Interaction, Tenant, UsageRecord
 from core.policy import TrainingPolicy, policy_of
 from core.settings import Settings
@@ -84,8 +84,16 @@ class BillingConfig:
 
 
 def _aware(moment: datetime) -> datetime:
-    """A time without a zone is taken as UTC (what an ISO date in a query string means here)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    """``moment`` in UTC; a time without a zone is taken as UTC (what an ISO date in a query
+    string means here)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
+        raise InvalidInput(
+            f"{moment.isoformat()} is out of range", details={"field": "since"}
+        ) from None
 
 
 def month_start(now: datetime | None = None) -> datetime:

@@ -9,10 +9,11 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.ids import new_id
-from core.models import AdapterVersion, Interaction
+from core.models import AdapterVersion, Deployment, Interaction
 from core.usage import INFERENCE_TOKENS, record_usage
 from serving import registry
 from serving.registry import Resolved
@@ -84,9 +85,11 @@ class AdapterJanitor:
     serving backend exists (the Temporal worker's promote activity, another API process). So the
     gateway watches what it serves: it remembers, per tenant, the serving name that ``default``
     resolved to last, and when that changes it unloads the name left behind, in the background.
-    Promotions and rollbacks made through this process (``promote`` / ``rollback`` here) unload
-    at once. Best effort: a failure is logged and costs only cache space, and a retired version
-    that is asked for by id afterwards is simply loaded again.
+    The first request for a tenant unloads the version its last promotion or rollback replaced
+    (which may have happened before this process started). Promotions and rollbacks made through
+    this process (``promote`` / ``rollback`` here) unload at once. Best effort: a failure is
+    logged and costs only cache space, and a retired version that is asked for by id afterwards
+    is simply loaded again.
     """
 
     def __init__(self, backend: ServingBackend) -> None:
@@ -94,9 +97,19 @@ class AdapterJanitor:
         self._default: dict[str, str | None] = {}  # tenant -> serving name (None: base)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def served_default(self, tenant_id: str, serving_name: str | None) -> None:
-        """``default`` resolved to ``serving_name`` for this tenant (called per request)."""
-        before = self._default.get(tenant_id, serving_name)  # first sight: nothing to compare
+    async def served_default(
+        self, session: AsyncSession, *, tenant_id: str, serving_name: str | None
+    ) -> None:
+        """``default`` resolved to ``serving_name`` for this tenant (called per request; a
+        query only on a tenant's first request in this process)."""
+        if tenant_id in self._default:
+            before = self._default[tenant_id]
+        else:
+            before = await session.scalar(
+                select(AdapterVersion.serving_name)
+                .join(Deployment, Deployment.previous_version_id == AdapterVersion.id)
+                .where(Deployment.tenant_id == tenant_id, AdapterVersion.tenant_id == tenant_id)
+            )
         self._default[tenant_id] = serving_name
         if before is not None and before != serving_name:
             self.unload_soon(before)

@@ -32,10 +32,6 @@ from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_mod
 from serving.types import FALLBACK, Generation, GenerationRequest, Served, ServingBackend
 
 router = APIRouter(prefix="/v1", tags=["inference"])
-# The route-specific errors (the shared ones are documented by api.errors).
-MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "`model` is not default, base or one of the tenant's versions"},
-}
 
 
 def _generation_request(
@@ -83,8 +79,10 @@ async def _answer(
     resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
     if body.model == DEFAULT:  # a promotion or rollback elsewhere shows here: unload the old one
         janitor: AdapterJanitor = request.app.state.janitor
-        janitor.served_default(
-            tenant_id, resolved.adapter.serving_name if resolved.adapter else None
+        await janitor.served_default(
+            session,
+            tenant_id=tenant_id,
+            serving_name=resolved.adapter.serving_name if resolved.adapter else None,
         )
     fallback_to_base = False
     if resolved.adapter is not None:  # the tenant's policy decides; one primary-key read
@@ -211,11 +209,7 @@ def _common(
     }
 
 
-@router.post(
-    "/chat/completions",
-    response_model=None,
-    responses={200: {"model": ChatCompletion}, **MODEL_ERRORS},
-)
+@router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -253,9 +247,7 @@ async def chat_completions(
     return ChatCompletion(**_common(body, out), choices=choices)
 
 
-@router.post(
-    "/completions", response_model=None, responses={200: {"model": Completion}, **MODEL_ERRORS}
-)
+@router.post("/completions", response_model=None, responses={200: {"model": Completion}})
 async def completions(
     body: CompletionRequest,
     request: Request,

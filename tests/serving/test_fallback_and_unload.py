@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.errors import Unavailable
@@ -236,4 +237,18 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
     assert await loaded() == {a1.serving_name}
     third = await ask()
     assert third not in (first, second)
+    assert await loaded() == {a3.serving_name}
+
+    # A process that starts after the promotion (a restart, another replica of the API) unloads,
+    # on the tenant's first request, the version that promotion replaced.
+    assert await ask(v1) == first
+    assert await loaded() == {a1.serving_name, a3.serving_name}
+    restarted = create_app(backend.settings, engine=backend.engine, backend=engine)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=restarted), base_url="http://tuneloop.test"
+    ) as other:
+        body = {"model": "default", "messages": PROMPT, "max_tokens": 8, "temperature": 0}
+        r = await other.post("/v1/chat/completions", headers=tenant.auth(), json=body)
+        assert r.json()["choices"][0]["message"]["content"] == third
+        await restarted.state.janitor.drain()
     assert await loaded() == {a3.serving_name}

@@ -32,6 +32,10 @@ from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_mod
 from serving.types import FALLBACK, Generation, GenerationRequest, Served, ServingBackend
 
 router = APIRouter(prefix="/v1", tags=["inference"])
+# The route-specific errors (the shared ones are documented by api.errors).
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "`model` is not default, base or one of the tenant's versions"},
+}
 
 
 def _generation_request(
@@ -209,7 +213,11 @@ def _common(
     }
 
 
-@router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletion}, **MODEL_ERRORS},
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -247,7 +255,9 @@ async def chat_completions(
     return ChatCompletion(**_common(body, out), choices=choices)
 
 
-@router.post("/completions", response_model=None, responses={200: {"model": Completion}})
+@router.post(
+    "/completions", response_model=None, responses={200: {"model": Completion}, **MODEL_ERRORS}
+)
 async def completions(
     body: CompletionRequest,
     request: Request,

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -188,6 +188,16 @@ def _document_errors(doc: dict[str, Any]) -> None:
         schemas.pop(unused, None)
 
 
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    # A connection cut in the middle of a statement arrives as a plain DBAPIError (asyncpg's
+    # "connection was closed in the middle of operation"); SQLAlchemy marks it as a disconnect.
+    # Any other database error is a bug: let it be the 500 it is.
+    assert isinstance(exc, DBAPIError)
+    if exc.connection_invalidated:
+        return await _on_database_down(request, exc)
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     generate = app.openapi
 
@@ -203,4 +213,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, _on_database_down)
     app.add_exception_handler(InterfaceError, _on_database_down)
     app.add_exception_handler(PoolTimeout, _on_database_down)
+    app.add_exception_handler(DBAPIError, _on_database_error)
     app.add_exception_handler(ConnectionError, _on_database_down)

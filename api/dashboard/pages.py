@@ -49,6 +49,7 @@ from core.models import (
 )
 from core.policy import TrainingPolicy, policy_of
 from serving import registry
+from serving.gateway import AdapterJanitor
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ CheckedUser = Annotated[DashboardSession, Depends(checked)]
 def billing_config(request: Request) -> billing.BillingConfig:
     config: billing.BillingConfig | None = getattr(request.app.state, "billing", None)
     return config or billing.BillingConfig.from_settings(request.app.state.settings)
+
+
+def janitor(request: Request) -> AdapterJanitor:
+    found: AdapterJanitor = request.app.state.janitor
+    return found
 
 
 def orchestrator(request: Request) -> Orchestrator:
@@ -474,7 +480,8 @@ async def adapter_list(
 async def adapter_rollback(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    await registry.rollback(db, tenant_id=tenant_id)
+    # Through the janitor: the replaced version is unloaded from the serving tier at once.
+    await janitor(request).rollback(db, tenant_id=tenant_id)
     return back_to("/dashboard/adapters", "rolled_back")
 
 
@@ -482,7 +489,7 @@ async def adapter_rollback(
 async def adapter_promote(
     version_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    await registry.promote(db, tenant_id=tenant_id, version_id=version_id)
+    await janitor(request).promote(db, tenant_id=tenant_id, version_id=version_id)
     return back_to("/dashboard/adapters", "promoted")
 
 

@@ -164,12 +164,12 @@ class PersonalizationActivities:
 
     async def _record_progress(self, tenant_id: str, run_id: str, p: trainer.TrainProgress) -> None:
         data = {
+            **p.metrics,  # first: TRL's own "step" is a float, ours is the integer
             "step": p.step,
             "total_steps": p.total_steps,
             "loss": p.loss,
             "eta_s": p.eta_s,
             "elapsed_s": round(p.elapsed_s, 1),
-            **p.metrics,
         }
         async with self.sessionmaker() as session:
             run = await session.get(TrainingRun, run_id)

@@ -34,6 +34,10 @@ from serving.types import FALLBACK, Generation, GenerationRequest, Served, Servi
 router = APIRouter(prefix="/v1", tags=["inference"])
 # The route-specific errors (the shared ones are documented by api.errors).
 MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    402: {
+        "description": "billing_suspended (unpaid, where the operator blocks inference) or "
+        "budget_exceeded (the month's budget is reached and the policy blocks inference)"
+    },
     404: {"description": "`model` is not default, base or one of the tenant's versions"},
 }
 

@@ -30,6 +30,8 @@ from serving import registry
 from serving.names import serving_name
 from tests.conftest import Backend, TenantKeys
 
+pytestmark = pytest.mark.reliability
+
 
 @dataclass(frozen=True)
 class Attack:

@@ -34,18 +34,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis import checks as checks_module
-from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from core.db import create_sessionmaker
 from core.keys import create_key
 from core.models import KeyRole, RunStatus, TrainingRun
 from serving import registry
-from tests.conftest import Backend
-from tests.reliability.conftest import address
+from tests.conftest import Backend, free_port
 from tests.serving.adapters import make_adapter
+from workflows.devserver import start_dev_server, stop
 
 T = TypeVar("T")
+pytestmark = pytest.mark.reliability
 
 # Per operation and generation mode: 27 operations x 2 modes x this x 2 requests; about 45 s per
 # database backend on two cores at the default (inference on the tiny model dominates).
@@ -92,15 +92,19 @@ class Target:
 
 
 @pytest.fixture
-def target(backend: Backend, temporal: WorkflowEnvironment, tmp_path: Path) -> Iterator[Target]:
+def target(backend: Backend, tmp_path: Path) -> Iterator[Target]:
     loop = LoopThread()
+    # A dev server of its own that no worker polls: fuzzed runs (with fuzzed policies) are
+    # started for real and stay queued, and never take another test's worker.
+    temporal_port = free_port()
+    temporal = start_dev_server(port=temporal_port, ui_port=None, db_file=None)
 
     async def setup() -> tuple[Any, httpx.AsyncClient, dict[str, str], dict[str, str]]:
         # The app builds its own engine and tiny-model backend inside this loop.
         app = create_app(
             backend.settings.model_copy(
                 update={
-                    "temporal_address": address(temporal),
+                    "temporal_address": f"127.0.0.1:{temporal_port}",
                     "stripe_webhook_secret": "whsec_fuzz",
                 }
             )
@@ -171,6 +175,7 @@ def target(backend: Backend, temporal: WorkflowEnvironment, tmp_path: Path) -> I
 
         loop.run(teardown())
         loop.close()
+        stop(temporal)
 
 
 def _role(operation: Any) -> str | None:
@@ -271,6 +276,8 @@ def _fuzz(target: Target, operation: Any, mode: GenerationMode) -> None:
             response = _send(target, case, key)
             target.sent[operation.label] = target.sent.get(operation.label, 0) + 1
             target.statuses.setdefault(operation.label, set()).add(response.status_code)
+            # The body says what broke; schemathesis' own report would only say "Server error".
+            assert response.status_code < 500, (response.status_code, response.text[:500])
             case.validate_response(response, checks=CHECKS)
             _check_envelope(response)
 

@@ -10,8 +10,9 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import dashboard
+from api import dashboard, metrics
 from api.errors import error_response, install_error_handlers
+from api.metrics import Metrics, MetricsMiddleware
 from api.orchestration import Orchestrator
 from api.routers import adapters, billing, feedback, health, inference, keys, runs, tenants
 from core.artifacts import ArtifactStore
@@ -135,7 +136,11 @@ def create_app(
     # Before the dashboard router, whose catch-all would otherwise answer for these files.
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.include_router(dashboard.router)
+    app.include_router(metrics.router)
     for module in (health, tenants, keys, feedback, inference, adapters, runs, billing):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost, so refusals by the body limit are counted too.
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -15,6 +15,7 @@ import logging
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,15 @@ def pick_device(device: str | None = None) -> tuple[str, torch.dtype]:
     return device, torch.float32
 
 
+# The first import of torch/transformers/peft is not thread-safe (lazy modules): one thread
+# loading a model while another imports the stack fails with "cannot import name
+# 'AutoModelForCausalLM' from 'transformers'". That happens in one process running the local
+# serving backend beside a worker (``tuneloop up``, the tests): the worker imports the stack in a
+# thread at start-up while the first request loads the model in the serving thread. Every first
+# import of the stack holds this lock (workflows.worker.import_ml_stack takes it too).
+ML_IMPORT_LOCK = threading.Lock()
+
+
 def load_base_model(
     name: str, *, data_dir: Path, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -90,7 +100,9 @@ def load_base_model(
 
     The tokenizer always has a pad token (eos when the model defines none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with ML_IMPORT_LOCK:
+        import peft  # noqa: F401  # adapters are loaded onto this model next, in this thread
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(name, data_dir=data_dir)
     dev, dtype = pick_device(device)

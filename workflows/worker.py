@@ -18,6 +18,7 @@ from core.billing import BillingConfig
 from core.db import create_engine, create_sessionmaker
 from core.settings import Settings
 from core.stripe_billing import StripeBilling
+from trainer.base_models import ML_IMPORT_LOCK
 from workflows.activities import PersonalizationActivities
 from workflows.billing import ReportUsage
 from workflows.billing_activities import BillingActivities, ensure_report_schedule
@@ -37,12 +38,13 @@ def import_ml_stack() -> None:
     'printing'" in every later attempt). Activities run in several threads, so the worker pays
     the import cost up front instead.
     """
-    import peft  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import sympy  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
+    with ML_IMPORT_LOCK:  # and not beside a model load in another thread of this process
+        import peft  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import sympy  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import trl  # noqa: F401
 
 
 def build_workers(

@@ -47,9 +47,9 @@ from workflows.devserver import start_dev_server, stop
 T = TypeVar("T")
 pytestmark = pytest.mark.reliability
 
-# Per operation and generation mode: 27 operations x 2 modes x this x 2 requests; about 45 s per
+# Per operation and generation mode: 27 operations x 2 modes x this x 2 requests; about 20 s per
 # database backend on two cores at the default (inference on the tiny model dominates).
-MAX_EXAMPLES = int(os.environ.get("TUNELOOP_FUZZ_EXAMPLES", "12"))
+MAX_EXAMPLES = int(os.environ.get("TUNELOOP_FUZZ_EXAMPLES", "20"))
 CHECKS = [
     checks_module.not_a_server_error,
     checks_module.status_code_conformance,

@@ -40,6 +40,17 @@ MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     404: {"description": "`model` is not default, base or one of the tenant's versions"},
 }
+# With ``stream: true`` the answer is server-sent events, described per event: ``data`` is a
+# JSON chunk, and the last one is ``[DONE]``.
+STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
 
 
 def _generation_request(
@@ -220,7 +231,7 @@ def _common(
 @router.post(
     "/chat/completions",
     response_model=None,
-    responses={200: {"model": ChatCompletion}, **MODEL_ERRORS},
+    responses={200: {"model": ChatCompletion, "content": STREAM}, **MODEL_ERRORS},
 )
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -260,7 +271,9 @@ async def chat_completions(
 
 
 @router.post(
-    "/completions", response_model=None, responses={200: {"model": Completion}, **MODEL_ERRORS}
+    "/completions",
+    response_model=None,
+    responses={200: {"model": Completion, "content": STREAM}, **MODEL_ERRORS},
 )
 async def completions(
     body: CompletionRequest,

@@ -8,8 +8,9 @@ keeps the numbers. Base addresses can be overridden (``STRIPE_API_BASE``,
 Exactly-once reporting rests on two Stripe features used together: each ledger row is sent with
 its row id as the meter event's ``identifier`` (Stripe counts one event per identifier) and as
 the request's ``Idempotency-Key`` (a resend replays Stripe's first answer). A row is marked
-reported only after Stripe accepted it; a crash in between means a resend that Stripe dedupes.
-Both guarantees hold for at least 24 hours, and the reporter retries every minute.
+reported only after Stripe accepted it; a crash in between means a resend, with the same body,
+that Stripe dedupes. Both guarantees hold for at least 24 hours, and the reporter retries every
+minute.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "Catalog",
     "ReportOutcome",
     "StripeBilling",
+    "StripeMisconfigured",
     "WebhookOutcome",
     "apply_webhook_event",
 ]
@@ -47,9 +49,12 @@ EVENT_NAMES = {meter: f"tuneloop_{meter}" for meter in METERS}
 """Meter -> the ``event_name`` of its Stripe Billing Meter."""
 PRODUCT_ID = "tuneloop_usage"
 """The one Stripe product the metered prices belong to (a fixed id makes setup idempotent)."""
-# Stripe takes meter events up to 35 days old; older rows are sent as of 34 days ago, so they
-# are still billed (in the open period) rather than refused forever.
-_MAX_EVENT_AGE = timedelta(days=34)
+# Stripe refuses meter events dated more than 35 days back. Each row is sent dated when it was
+# recorded, always the same body under its idempotency key (a changed body under a reused key is
+# an IdempotencyError). A row older than this (a day short of Stripe's limit, so a send in flight
+# still lands in time) is not sent at all: it stays unreported and logged for the operator, who
+# bills it by other means (an invoice item) or lets it go.
+MAX_EVENT_AGE = timedelta(days=34)
 # Meter events in flight at once per batch: Stripe's v1 meter events endpoint is rate limited
 # per account; a few at a time keeps a backlog moving without tripping 429s.
 _CONCURRENCY = 8
@@ -86,6 +91,11 @@ class ReportOutcome:
     """Set when Stripe was unreachable or busy: the caller should retry (with backoff)."""
 
 
+class StripeMisconfigured(Exception):
+    """Stripe refused the API key itself (401) or its permissions (403): no request will
+    succeed until the operator fixes ``STRIPE_API_KEY``, so the pass stops at once."""
+
+
 @dataclass(frozen=True)
 class _Row:
     """A ledger row as plain values (a rollback while provisioning expires ORM objects)."""
@@ -96,6 +106,7 @@ class _Row:
     quantity: int
     created_at: datetime
     customer_id: str | None
+    subscription_id: str | None
 
 
 class StripeBilling:
@@ -153,10 +164,8 @@ class StripeBilling:
 
     async def _ensure_catalog(self) -> Catalog:
         v1 = self.client.v1
-        existing = {
-            m.event_name: m.id
-            for m in (await v1.billing.meters.list_async({"status": "active", "limit": 100})).data
-        }
+        page = await v1.billing.meters.list_async({"status": "active", "limit": 100})
+        existing = {m.event_name: m.id async for m in page.auto_paging_iter()}
         meters: dict[str, str] = {}
         for meter in METERS:
             event = EVENT_NAMES[meter]
@@ -197,6 +206,9 @@ class StripeBilling:
             price = found.get(price_lookup_key(meter))
             same = price is not None and Decimal(str(price.unit_amount_decimal)) == amount
             if price is None or not same:
+                # Named by what it replaces and what it becomes: a retry of this change (a crash
+                # before the answer) reuses the price instead of making a second one.
+                replaces = "none" if price is None else price.id
                 price = await v1.prices.create_async(
                     {
                         "currency": "usd",
@@ -210,7 +222,8 @@ class StripeBilling:
                         "lookup_key": price_lookup_key(meter),
                         "transfer_lookup_key": True,
                         "nickname": f"tuneloop {meter.replace('_', ' ')} per token",
-                    }
+                    },
+                    {"idempotency_key": f"tuneloop-price-{meters[meter]}-{amount}-{replaces}"},
                 )
             prices[meter] = price.id
         return Catalog(meters=meters, prices=prices)
@@ -254,7 +267,8 @@ class StripeBilling:
 
     async def provision_quietly(self, session: AsyncSession, *, tenant_id: str) -> bool:
         """``provision``, but a Stripe failure only logs: the tenant exists either way and the
-        next reporting pass (or ``tuneloop billing setup``) provisions it. True on success."""
+        next reporting pass (or ``tuneloop billing setup``) creates what is missing (customer,
+        subscription or both). True on success."""
         try:
             await self.provision(session, tenant_id=tenant_id)
         except stripe.StripeError as exc:
@@ -283,9 +297,13 @@ class StripeBilling:
         """Send up to ``limit`` unreported ledger rows as meter events, oldest first, and mark
         the accepted ones reported (one UPDATE, after Stripe answered).
 
-        Tenants without a Stripe customer are provisioned first. A refusal of one row (Stripe
-        400) leaves it pending and logged; unreachable or busy Stripe (connection errors, 429,
-        5xx) is reported back as ``retryable`` after marking what did go through."""
+        Tenants without a Stripe customer or subscription are provisioned first; their rows are
+        sent only once the subscription exists (a row of a customer with no subscription would
+        be metered but never invoiced), and stay pending until then. A refusal of one row
+        (Stripe 400, or a row past Stripe's age limit) leaves it pending and logged; unreachable
+        or busy Stripe (connection errors, 429, 5xx) is reported back as ``retryable`` after
+        marking what did go through. A key Stripe refuses (401, 403) raises
+        ``StripeMisconfigured`` without sending the rest."""
         rows = [
             _Row(*r)
             for r in await session.execute(
@@ -296,6 +314,7 @@ class StripeBilling:
                     UsageRecord.quantity,
                     UsageRecord.created_at,
                     Tenant.stripe_customer_id,
+                    Tenant.stripe_subscription_id,
                 )
                 .join(Tenant, Tenant.id == UsageRecord.tenant_id)
                 .where(UsageRecord.reported_at.is_(None), UsageRecord.id > (after or ""))
@@ -303,32 +322,67 @@ class StripeBilling:
                 .limit(limit)
             )
         ]
-        customers = {r.tenant_id: r.customer_id for r in rows if r.customer_id is not None}
+        await session.commit()  # no transaction held open while Stripe is called
+        customers = {
+            r.tenant_id: r.customer_id
+            for r in rows
+            if r.customer_id is not None and r.subscription_id is not None
+        }
         for tenant_id in sorted({r.tenant_id for r in rows} - set(customers)):
-            if await self.provision_quietly(session, tenant_id=tenant_id):
-                tenant = await session.get(Tenant, tenant_id)
-                if tenant is not None and tenant.stripe_customer_id is not None:
-                    customers[tenant_id] = tenant.stripe_customer_id
-        todo = [r for r in rows if r.tenant_id in customers]
+            try:
+                tenant = await self.provision(session, tenant_id=tenant_id)
+            except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+                raise StripeMisconfigured(str(exc)) from exc
+            except stripe.StripeError as exc:
+                await session.rollback()
+                log.warning("Stripe subscription for tenant %s not created yet: %s", tenant_id, exc)
+                continue
+            if tenant.stripe_customer_id is not None and tenant.stripe_subscription_id is not None:
+                customers[tenant_id] = tenant.stripe_customer_id
+        oldest = datetime.now(UTC) - MAX_EVENT_AGE
+        too_old = [r.id for r in rows if r.tenant_id in customers and r.created_at < oldest]
+        if too_old:
+            log.error(
+                "%d usage rows are older than %s and are not sent to Stripe, which refuses meter "
+                "events that old; bill them by other means. First: %s",
+                len(too_old),
+                MAX_EVENT_AGE,
+                too_old[0],
+            )
+        todo = [r for r in rows if r.tenant_id in customers and r.created_at >= oldest]
         semaphore = asyncio.Semaphore(_CONCURRENCY)
+        misconfigured: list[stripe.StripeError] = []
 
-        async def send(row: _Row) -> None:
+        async def send(row: _Row) -> bool:
             async with semaphore:
-                await self.send_meter_event(row, customers[row.tenant_id])
+                if misconfigured:
+                    return False  # the key is refused: the rest would be refused too
+                try:
+                    await self.send_meter_event(row, customers[row.tenant_id])
+                except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+                    misconfigured.append(exc)
+                    raise
+                return True
 
         results = await asyncio.gather(*(send(r) for r in todo), return_exceptions=True)
         accepted: list[str] = []
         retryable: str | None = None
         for row, result in zip(todo, results, strict=True):
-            if result is None:
+            if result is True:
                 accepted.append(row.id)
-            elif isinstance(result, stripe.InvalidRequestError | stripe.AuthenticationError):
+            elif result is False or isinstance(
+                result, stripe.AuthenticationError | stripe.PermissionError
+            ):
+                pass
+            elif isinstance(result, stripe.InvalidRequestError | stripe.IdempotencyError):
                 log.error("Stripe refused usage row %s: %s", row.id, result)
             elif isinstance(result, stripe.StripeError):
                 retryable = retryable or f"{type(result).__name__}: {result}"
             else:
                 raise result
         await self.mark_reported(session, accepted)
+        if misconfigured:
+            raise StripeMisconfigured(str(misconfigured[0])) from misconfigured[0]
         return ReportOutcome(
             sent=len(accepted),
             pending=len(rows) - len(accepted),
@@ -338,13 +392,13 @@ class StripeBilling:
 
     async def send_meter_event(self, row: _Row, customer_id: str) -> None:
         """One ledger row -> one meter event; the row id is the identifier and the idempotency
-        key, so sending the same row again is counted once by Stripe."""
-        at = max(row.created_at, datetime.now(UTC) - _MAX_EVENT_AGE)
+        key, and the body depends only on the row, so sending the same row again is counted
+        once by Stripe."""
         await self.client.v1.billing.meter_events.create_async(
             {
                 "event_name": EVENT_NAMES[row.meter],
                 "identifier": row.id,
-                "timestamp": int(at.timestamp()),
+                "timestamp": int(row.created_at.timestamp()),
                 "payload": {"stripe_customer_id": customer_id, "value": str(row.quantity)},
             },
             {"idempotency_key": f"tuneloop-usage-{row.id}"},
@@ -394,6 +448,22 @@ def _status_change(event_type: str, obj: dict[str, Any]) -> tuple[BillingStatus,
     return None
 
 
+def _subscription_of(event_type: str, obj: dict[str, Any]) -> str | None:
+    """The subscription an event is about: the object itself, or an invoice's subscription
+    (``parent.subscription_details.subscription`` since API version 2025-03-31, top-level
+    ``subscription`` before)."""
+    if event_type.startswith("customer.subscription."):
+        found: Any = obj.get("id")
+    else:
+        parent = obj.get("parent")
+        details = parent.get("subscription_details") if isinstance(parent, dict) else None
+        found = details.get("subscription") if isinstance(details, dict) else None
+        found = found or obj.get("subscription")
+    if isinstance(found, dict):  # expanded
+        found = found.get("id")
+    return found if isinstance(found, str) else None
+
+
 async def apply_webhook_event(
     session: AsyncSession,
     *,
@@ -407,7 +477,10 @@ async def apply_webhook_event(
     a redelivered event does nothing and a failed one is retried whole by Stripe.
 
     Stripe does not promise delivery order: an event ``created`` before the one the tenant's
-    status came from is recorded but changes nothing (``action="ignored"``)."""
+    status came from is recorded but changes nothing (``action="ignored"``). Only the tenant's
+    own subscription counts: events about another subscription of the same customer (an old
+    one, one made by hand in Stripe's dashboard) or about its invoices are recorded and
+    ignored."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted = await session.execute(
         dialect.insert(StripeEvent)
@@ -422,19 +495,25 @@ async def apply_webhook_event(
     customer = obj.get("customer")
     tenant = None
     if change is not None and isinstance(customer, str):
-        tenant = await session.scalar(select(Tenant).where(Tenant.stripe_customer_id == customer))
+        # Locked until the commit: of two events for one tenant handled at once, the older one
+        # waits and then sees the newer one's time (Postgres; SQLite serializes writers).
+        tenant = await session.scalar(
+            select(Tenant).where(Tenant.stripe_customer_id == customer).with_for_update()
+        )
+    ours = tenant is not None and (
+        tenant.stripe_subscription_id is not None
+        and _subscription_of(event_type, obj) == tenant.stripe_subscription_id
+    )
     stale = tenant is not None and (
         tenant.billing_event_at is not None and created < tenant.billing_event_at
     )
-    if change is None or tenant is None or stale:
+    if change is None or tenant is None or not ours or stale:
         await session.commit()  # recorded, so a redelivery is not looked at again
         return WebhookOutcome(duplicate=False, action="ignored")
     status, reason = change
     tenant.billing_status = status
     tenant.billing_reason = reason if status is BillingStatus.suspended else None
     tenant.billing_event_at = created
-    if event_type.startswith("customer.subscription.") and obj.get("id"):
-        tenant.stripe_subscription_id = str(obj["id"])
     await session.commit()
     log.info("tenant %s billing %s: %s", tenant.id, status.value, reason)
     action = "suspended" if status is BillingStatus.suspended else "restored"

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.billing_activities import BillingActivities
@@ -33,6 +34,7 @@ class ReportUsage:
     async def run(self, inp: ReportUsageInput) -> ReportUsageResult:
         sent = pending = batches = 0
         after: str | None = None
+        retryable: str | None = None
         while batches < inp.max_batches:
             # No task queue given: the activity runs where this workflow runs (the cpu queue).
             out = await workflow.execute_activity_method(
@@ -44,7 +46,14 @@ class ReportUsage:
             )
             batches += 1
             sent, pending = sent + out.sent, pending + out.pending
+            retryable = retryable or out.retryable
             if out.last_id is None or out.sent + out.pending < inp.batch_size:
                 break
             after = out.last_id
+        if retryable is not None:
+            # Every batch was tried; the schedule's next firing resends what Stripe did not take.
+            raise ApplicationError(
+                f"{sent} usage rows sent; Stripe did not take some others: {retryable}",
+                type="StripeUnavailable",
+            )
         return ReportUsageResult(sent=sent, batches=batches, pending=pending)

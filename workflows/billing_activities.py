@@ -24,7 +24,7 @@ from temporalio.client import (
 )
 from temporalio.exceptions import ApplicationError
 
-from core.stripe_billing import StripeBilling
+from core.stripe_billing import StripeBilling, StripeMisconfigured
 from workflows.contracts import (
     CPU_QUEUE,
     REPORT_USAGE_SCHEDULE_ID,
@@ -38,6 +38,7 @@ from workflows.contracts import (
 log = logging.getLogger(__name__)
 
 STRIPE_UNAVAILABLE = "StripeUnavailable"
+STRIPE_MISCONFIGURED = "StripeMisconfigured"
 
 
 class BillingActivities:
@@ -51,18 +52,27 @@ class BillingActivities:
     async def report_usage_batch(self, inp: ReportBatchInput) -> ReportBatchOutput:
         """Send one page of unreported ledger rows; accepted rows are marked reported before
         this returns, so a retry resends only what Stripe may not have (and Stripe dedupes
-        those by identifier). Stripe unreachable or busy: a retryable failure, after marking
-        what went through, so Temporal backs off and tries again."""
+        those by identifier). Stripe unreachable or busy for the whole batch: a retryable
+        failure, after marking what went through, so Temporal backs off and tries again; for
+        some rows only: returned as ``retryable``, so the rows behind them go on. A refused API
+        key: a non-retryable failure (``StripeMisconfigured``) until the operator fixes it."""
         async with self.sessionmaker() as session:
-            outcome = await self.stripe.report(session, limit=inp.limit, after=inp.after)
-        if outcome.retryable is not None:
+            try:
+                outcome = await self.stripe.report(session, limit=inp.limit, after=inp.after)
+            except StripeMisconfigured as exc:
+                raise ApplicationError(
+                    f"Stripe refused the API key (check STRIPE_API_KEY and its permissions): {exc}",
+                    type=STRIPE_MISCONFIGURED,
+                    non_retryable=True,
+                ) from None
+        if outcome.retryable is not None and outcome.sent == 0:
             raise ApplicationError(
-                f"Stripe did not take every meter event ({outcome.sent} sent): {outcome.retryable}",
+                f"Stripe did not take any meter event: {outcome.retryable}",
                 type=STRIPE_UNAVAILABLE,
             )
         if outcome.pending:
             log.warning("%d usage rows left unreported for now", outcome.pending)
-        return ReportBatchOutput(outcome.sent, outcome.pending, outcome.last_id)
+        return ReportBatchOutput(outcome.sent, outcome.pending, outcome.last_id, outcome.retryable)
 
 
 async def ensure_report_schedule(

@@ -221,6 +221,9 @@ class ReportBatchOutput:
     """Rows of the batch left unreported (no Stripe customer yet, or refused by Stripe)."""
     last_id: str | None
     """The largest row id looked at (the next batch's ``after``); None: nothing was left."""
+    retryable: str | None = None
+    """Some rows met a busy or failing Stripe while others went through: the pass goes on to
+    the next batch and fails at its end, so the schedule's next firing tries them again."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """A small fake of Stripe's HTTP API: exactly the endpoints tuneloop uses, with Stripe's
 semantics where they matter to billing (meter event identifiers counted once, Idempotency-Key
-replay, metered prices must name a meter, Stripe's error envelope and status codes).
+replay and its refusal of a reused key with other parameters, metered prices must name a meter,
+Stripe's error envelope and status codes).
 
 The real ``stripe`` SDK talks to it through ``StripeClient(base_addresses={"api": ...,
 "meter_events": ...})`` — the SDK's own seam — so requests are encoded and answers parsed
@@ -10,6 +11,7 @@ installable (see the feasibility notes).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import secrets
@@ -81,7 +83,14 @@ class FakeStripe:
     """Answer this many of the next meter event requests with a 500, as an outage would."""
     fail_customers: int = 0
     """Answer this many of the next customer creations with a 500."""
-    _idempotent: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    refused_keys: int = 0
+    """Requests answered 401 for a wrong API key."""
+    fail_subscriptions: int = 0
+    """Answer this many of the next subscription creations with a 500."""
+    delay_customers_s: float = 0.0
+    """Answer customer creations this much later, as a slow Stripe would."""
+    _idempotent: dict[str, tuple[str, int, dict[str, Any]]] = field(default_factory=dict)
+    """Idempotency-Key -> (the request's path and body, Stripe's answer)."""
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,6 +177,9 @@ class FakeStripe:
             self.prices[price["id"]] = price
             return price
         if path == "/v1/subscriptions":
+            if self.fail_subscriptions > 0:
+                self.fail_subscriptions -= 1
+                raise StripeFailure(500, "fake outage", type_="api_error")
             if p.get("customer") not in self.customers:
                 raise StripeFailure(400, f"No such customer: '{p.get('customer')}'")
             items = p.get("items") or []
@@ -264,14 +276,28 @@ def build_app(fake: FakeStripe) -> FastAPI:
     async def handle(path: str, request: Request) -> JSONResponse:
         path = "/" + path
         if request.headers.get("authorization") != f"Bearer {fake.api_key}":
+            fake.refused_keys += 1
             return JSONResponse(
                 {"error": {"type": "invalid_request_error", "message": "Invalid API Key"}}, 401
             )
         idem = request.headers.get("idempotency-key")
         raw = (await request.body()).decode()  # before the lock: no await while holding it
+        if request.method == "POST" and path == "/v1/customers" and fake.delay_customers_s:
+            await asyncio.sleep(fake.delay_customers_s)
         with fake.lock:
             if request.method == "POST" and idem and idem in fake._idempotent:
-                status, body = fake._idempotent[idem]
+                sent, status, body = fake._idempotent[idem]
+                if sent != f"{path}?{raw}":  # Stripe compares the parameters of a reused key
+                    return JSONResponse(
+                        {
+                            "error": {
+                                "type": "idempotency_error",
+                                "message": "Keys for idempotent requests can only be used with "
+                                "the same parameters they were first used with.",
+                            }
+                        },
+                        400,
+                    )
                 if path == "/v1/billing/meter_events":
                     fake.meter_event_posts[body.get("identifier", "")] += 1
                 return JSONResponse(body, status, headers={"Idempotent-Replayed": "true"})
@@ -290,7 +316,7 @@ def build_app(fake: FakeStripe) -> FastAPI:
                 status, body = failure.status, failure.body
             # Stripe stores the answer to a keyed request, errors included, except 5xx.
             if request.method == "POST" and idem and status < 500:
-                fake._idempotent[idem] = (status, body)
+                fake._idempotent[idem] = (f"{path}?{raw}", status, body)
         return JSONResponse(body, status)
 
     return app

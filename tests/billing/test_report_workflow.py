@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client, ScheduleOverlapPolicy
+from temporalio.client import Client, ScheduleOverlapPolicy, WorkflowFailureError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -116,8 +116,9 @@ async def test_stripe_outage_is_retried_with_backoff(
     fake_stripe: FakeStripe,
     reporter: tuple[Client, str, StripeBilling],
 ) -> None:  # type: ignore[no-untyped-def]
-    client, queue, _ = reporter
+    client, queue, stripe_billing = reporter
     t: TenantKeys = await make_billing_tenant()
+    await report_all(backend, stripe_billing)  # what other tests left: Stripe down for all
     await add_usage(backend, t.id, 40, 2)
     fake_stripe.fail_meter_events = 2
     result = await run_reporter(client, queue, batch_size=200)
@@ -126,6 +127,26 @@ async def test_stripe_outage_is_retried_with_backoff(
     assert await unreported(backend, t.id) == 0
     customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
     assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 42
+
+
+async def test_a_row_stripe_did_not_take_holds_up_none_behind_it(
+    make_billing_tenant,
+    backend: Backend,
+    fake_stripe: FakeStripe,
+    reporter: tuple[Client, str, StripeBilling],
+) -> None:  # type: ignore[no-untyped-def]
+    client, queue, stripe_billing = reporter
+    t: TenantKeys = await make_billing_tenant()
+    await report_all(backend, stripe_billing)
+    await add_usage(backend, t.id, 1, 2, 3, 4, 5, 6)
+    fake_stripe.fail_meter_events = 1  # one row of the first batch meets a failing Stripe
+    with pytest.raises(WorkflowFailureError) as failed:
+        await run_reporter(client, queue, batch_size=2)
+    assert "StripeUnavailable" in str(failed.value.cause)
+    assert await unreported(backend, t.id) == 1  # the later batches went through
+    await run_reporter(client, queue)  # the next firing sends it
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 21
 
 
 async def test_the_schedule_runs_the_reporter(

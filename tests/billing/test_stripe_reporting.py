@@ -4,19 +4,26 @@ once: the real SDK against the fake Stripe, on both database backends."""
 from __future__ import annotations
 
 import secrets
+import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+import stripe
+from sqlalchemy import func, select, update
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from core.db import create_sessionmaker
 from core.models import Tenant, UsageRecord
-from core.stripe_billing import EVENT_NAMES, StripeBilling
+from core.stripe_billing import EVENT_NAMES, StripeBilling, StripeMisconfigured
 from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS, record_usage
 from tests.billing.conftest import stripe_settings
 from tests.billing.fake_stripe import FakeStripe
 from tests.conftest import Backend
+from workflows.billing_activities import BillingActivities
+from workflows.contracts import ReportBatchInput
 
 
 def billing_of(backend: Backend, fake: FakeStripe) -> StripeBilling:
@@ -224,3 +231,94 @@ async def test_usage_endpoint_shows_reporting_and_is_tenant_scoped(
         ({}, 401),
     ):
         assert (await billing_client.get("/v1/usage", headers=headers)).status_code == status
+
+
+async def test_a_tenant_whose_subscription_failed_gets_one_before_its_usage_is_sent(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    fake_stripe.fail_subscriptions = 2  # at creation, and again at the first reporting pass
+    t = await make_billing_tenant()
+    row = await tenant_row(backend, t.id)
+    assert row.stripe_customer_id in fake_stripe.customers
+    assert row.stripe_subscription_id is None
+    await add_usage(backend, t.id, 33)
+    stripe_billing = billing_of(backend, fake_stripe)
+    async with create_sessionmaker(backend.engine)() as session:
+        await stripe_billing.report(session, limit=10_000)
+    # No subscription yet: metered but never invoiced, so not sent at all.
+    assert fake_stripe.event_for_customer(row.stripe_customer_id or "") == []
+    assert await unreported(backend, t.id) == 1
+    await report_all(backend, stripe_billing)
+    row = await tenant_row(backend, t.id)
+    assert row.stripe_subscription_id in fake_stripe.subscriptions
+    assert fake_stripe.usage(row.stripe_customer_id or "", EVENT_NAMES[INFERENCE_TOKENS]) == 33
+    assert await unreported(backend, t.id) == 0
+
+
+async def test_a_row_past_stripes_age_limit_is_left_to_the_operator_and_holds_nothing_up(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await add_usage(backend, t.id, 1)
+    async with create_sessionmaker(backend.engine)() as session:
+        await session.execute(
+            update(UsageRecord)
+            .where(UsageRecord.tenant_id == t.id)
+            .values(created_at=datetime.now(UTC) - timedelta(days=40))
+        )
+        await session.commit()
+    await add_usage(backend, t.id, 2)
+    await report_all(backend, billing_of(backend, fake_stripe))  # no retryable, no stall
+    customer = (await tenant_row(backend, t.id)).stripe_customer_id or ""
+    assert fake_stripe.usage(customer, EVENT_NAMES[INFERENCE_TOKENS]) == 2
+    assert await unreported(backend, t.id) == 1  # the old one, logged, never sent
+
+
+async def test_the_fake_refuses_a_reused_idempotency_key_with_other_parameters(
+    backend: Backend, fake_stripe: FakeStripe
+) -> None:
+    stripe_billing = billing_of(backend, fake_stripe)
+    await stripe_billing.catalog()
+    customer = await stripe_billing.client.v1.customers.create_async(
+        {"name": "x", "metadata": {"tenant_id": "none"}}
+    )
+    key = {"idempotency_key": f"test-{secrets.token_hex(6)}"}
+    params = {
+        "event_name": EVENT_NAMES[INFERENCE_TOKENS],
+        "identifier": f"test-{secrets.token_hex(6)}",
+        "timestamp": int(time.time()),
+        "payload": {"stripe_customer_id": customer.id, "value": "1"},
+    }
+    meter_events = stripe_billing.client.v1.billing.meter_events
+    await meter_events.create_async(params, key)  # type: ignore[arg-type]
+    await meter_events.create_async(params, key)  # type: ignore[arg-type]  # a replay
+    with pytest.raises(stripe.IdempotencyError):
+        await meter_events.create_async(
+            {**params, "timestamp": params["timestamp"] - 1},  # type: ignore[arg-type,operator]
+            key,  # type: ignore[arg-type]
+        )
+    await stripe_billing.close()
+
+
+async def test_a_refused_api_key_stops_the_pass_at_once(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await report_all(backend, billing_of(backend, fake_stripe))
+    await add_usage(backend, t.id, *range(1, 41))
+    settings = stripe_settings(backend, fake_stripe).model_copy(
+        update={"stripe_api_key": "sk_test_revoked"}
+    )
+    wrong = StripeBilling.from_settings(settings)
+    assert wrong is not None
+    refused = fake_stripe.refused_keys
+    async with create_sessionmaker(backend.engine)() as session:
+        with pytest.raises(StripeMisconfigured):
+            await wrong.report(session, limit=1000)
+    assert fake_stripe.refused_keys - refused <= 8  # not one failing call per row
+    activities = BillingActivities(sessionmaker=create_sessionmaker(backend.engine), stripe=wrong)
+    with pytest.raises(ApplicationError) as failed:
+        await ActivityEnvironment().run(activities.report_usage_batch, ReportBatchInput())
+    assert failed.value.type == "StripeMisconfigured" and failed.value.non_retryable
+    assert await unreported(backend, t.id) == 40
+    await wrong.close()

@@ -28,15 +28,29 @@ async def billing_state(backend: Backend, tenant_id: str) -> tuple[BillingStatus
         return tenant.billing_status, tenant.billing_reason
 
 
+# Customer -> the subscription tuneloop made for it (the one whose events count).
+SUBSCRIPTIONS: dict[str, str] = {}
+
+
 async def customer_of(backend: Backend, tenant_id: str) -> str:
     async with create_sessionmaker(backend.engine)() as session:
         tenant = await session.get(Tenant, tenant_id)
         assert tenant is not None and tenant.stripe_customer_id is not None
+        assert tenant.stripe_subscription_id is not None
+        SUBSCRIPTIONS[tenant.stripe_customer_id] = tenant.stripe_subscription_id
         return tenant.stripe_customer_id
 
 
-def subscription(customer: str, status: str) -> dict[str, object]:
-    return {"id": "sub_test", "object": "subscription", "customer": customer, "status": status}
+def subscription(customer: str, status: str, sub: str | None = None) -> dict[str, object]:
+    sub = sub or SUBSCRIPTIONS.get(customer, "sub_test")
+    return {"id": sub, "object": "subscription", "customer": customer, "status": status}
+
+
+def invoice(customer: str, id_: str, sub: str | None = None, **extra: object) -> dict[str, object]:
+    """An invoice of the subscription (where API versions since 2025-03-31 put it)."""
+    sub = sub or SUBSCRIPTIONS.get(customer, "sub_test")
+    parent = {"type": "subscription_details", "subscription_details": {"subscription": sub}}
+    return {"id": id_, "object": "invoice", "customer": customer, "parent": parent, **extra}
 
 
 async def post_event(
@@ -66,14 +80,17 @@ async def test_unpaid_subscription_suspends_training_and_payment_restores_it(
     assert refused.status_code == 402, refused.text
     error = refused.json()["error"]
     assert error["code"] == "billing_suspended"
-    assert "sub_test is past_due" in error["message"] and "Pay the open invoice" in error["message"]
+    assert (
+        f"{SUBSCRIPTIONS[customer]} is past_due" in error["message"]
+        and "Pay the open invoice" in error["message"]
+    )
     # Inference goes on: TUNELOOP_UNPAID_BLOCKS_INFERENCE is off by default.
     ok = await billing_client.post("/v1/chat/completions", headers=t.auth(), json=CHAT)
     assert ok.status_code == 200, ok.text
     usage = (await billing_client.get("/v1/usage", headers=t.auth("admin"))).json()
     assert usage["billing"]["status"] == "suspended"
 
-    paid = {"id": "in_test", "object": "invoice", "customer": customer, "status": "paid"}
+    paid = invoice(customer, "in_test", status="paid")
     r = await post_event(billing_client, event("invoice.paid", paid))
     assert r.json()["action"] == "restored"
     assert await billing_state(backend, t.id) == (BillingStatus.active, None)
@@ -113,13 +130,48 @@ async def test_failed_payment_suspends(
 ) -> None:  # type: ignore[no-untyped-def]
     t = await make_billing_tenant()
     customer = await customer_of(backend, t.id)
-    invoice = {"id": "in_failed", "object": "invoice", "customer": customer, "status": "open"}
-    r = await post_event(billing_client, event("invoice.payment_failed", invoice))
+    failed = invoice(customer, "in_failed", status="open")
+    r = await post_event(billing_client, event("invoice.payment_failed", failed))
     assert r.json()["action"] == "suspended"
     assert await billing_state(backend, t.id) == (
         BillingStatus.suspended,
         "payment of invoice in_failed failed",
     )
+
+
+async def test_events_about_another_subscription_of_the_customer_change_nothing(
+    make_billing_tenant, billing_client: httpx.AsyncClient, backend: Backend
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    customer = await customer_of(backend, t.id)
+    ours = SUBSCRIPTIONS[customer]
+    # An old subscription of the same customer is deleted: the tenant's own one still runs.
+    gone = subscription(customer, "canceled", sub="sub_old")
+    r = await post_event(billing_client, event("customer.subscription.deleted", gone))
+    assert r.json()["action"] == "ignored"
+    assert (await billing_state(backend, t.id))[0] is BillingStatus.active
+    lapsed = event("customer.subscription.updated", subscription(customer, "unpaid"))
+    assert (await post_event(billing_client, lapsed)).json()["action"] == "suspended"
+    # Paying another subscription's invoice (either API version's shape) restores nothing.
+    for other in (
+        invoice(customer, "in_other", sub="sub_old"),
+        {"id": "in_old", "object": "invoice", "customer": customer, "subscription": "sub_old"},
+        {"id": "in_oneoff", "object": "invoice", "customer": customer},
+    ):
+        r = await post_event(billing_client, event("invoice.paid", other))
+        assert r.json()["action"] == "ignored"
+        assert (await billing_state(backend, t.id))[0] is BillingStatus.suspended
+    # Nor does a second subscription becoming active take over the tenant's id.
+    second = event("customer.subscription.updated", subscription(customer, "active", "sub_2"))
+    assert (await post_event(billing_client, second)).json()["action"] == "ignored"
+    async with create_sessionmaker(backend.engine)() as session:
+        tenant = await session.get(Tenant, t.id)
+        assert tenant is not None and tenant.stripe_subscription_id == ours
+    # The older API version names the subscription at the top level.
+    old_shape = {"id": "in_ours", "object": "invoice", "customer": customer, "subscription": ours}
+    assert (await post_event(billing_client, event("invoice.paid", old_shape))).json()[
+        "action"
+    ] == "restored"
 
 
 async def test_a_redelivered_event_is_acted_on_once(
@@ -129,7 +181,7 @@ async def test_a_redelivered_event_is_acted_on_once(
     customer = await customer_of(backend, t.id)
     lapsed = event("customer.subscription.updated", subscription(customer, "unpaid"))
     assert (await post_event(billing_client, lapsed)).json()["action"] == "suspended"
-    paid = event("invoice.paid", {"id": "in_1", "object": "invoice", "customer": customer})
+    paid = event("invoice.paid", invoice(customer, "in_1"))
     assert (await post_event(billing_client, paid)).json()["action"] == "restored"
     # Stripe delivers the lapse again (it retries until it sees a 2xx): nothing happens.
     again = await post_event(billing_client, lapsed)
@@ -144,8 +196,8 @@ async def test_an_older_event_arriving_late_changes_nothing(
     t = await make_billing_tenant()
     customer = await customer_of(backend, t.id)
     now = int(time.time())
-    failed = {"id": "in_1", "object": "invoice", "customer": customer}
-    paid = {"id": "in_1", "object": "invoice", "customer": customer}
+    failed = invoice(customer, "in_1")
+    paid = invoice(customer, "in_1")
     # Stripe sent "failed" then "paid" (the retry succeeded), but they arrive the other way.
     r = await post_event(billing_client, event("invoice.paid", paid, created=now))
     assert r.json()["action"] == "restored"

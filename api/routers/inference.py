@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -29,7 +31,14 @@ from core.models import Tenant
 from core.policy import policy_of
 from serving.gateway import AdapterJanitor, new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
-from serving.types import FALLBACK, Generation, GenerationRequest, Served, ServingBackend
+from serving.types import (
+    FALLBACK,
+    Choice,
+    Generation,
+    GenerationRequest,
+    Served,
+    ServingBackend,
+)
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 # The route-specific errors (the shared ones are documented by api.errors).
@@ -185,29 +194,55 @@ async def _stream(
             "served_by": resolved.label,
         }
 
-    if chat:
-        yield sse(chunk(None, None, role=True))
-    async for piece in pieces:
-        if isinstance(piece, Served):
-            continue  # already taken by _answer
-        if isinstance(piece, Generation):
-            finish = piece.choices[0].finish_reason
-            yield sse(chunk(None, finish))
-            yield sse("[DONE]")
-            async with request.app.state.sessionmaker() as session:
-                await record_answer(
-                    session,
-                    tenant_id=tenant_id,
-                    resolved=resolved,
-                    request=gen_request,
-                    choices=piece.choices,
-                    prompt_tokens=piece.prompt_tokens,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    interaction_ids=[interaction_id],
-                    endpoint=endpoint,
-                )
-        else:
-            yield sse(chunk(piece, None))
+    sent: list[str] = []
+    finished: Generation | None = None
+    failed = False
+    try:
+        if chat:
+            yield sse(chunk(None, None, role=True))
+        async for piece in pieces:
+            if isinstance(piece, Served):
+                continue  # already taken by _answer
+            if isinstance(piece, Generation):
+                finished = piece
+                yield sse(chunk(None, piece.choices[0].finish_reason))
+                yield sse("[DONE]")
+            else:
+                sent.append(piece)
+                yield sse(chunk(piece, None))
+    except Exception:
+        failed = True  # the engine failed: the answer is broken off, and nothing is billed
+        raise
+    finally:
+        # Also when the client went away mid-answer (this generator is cancelled or closed):
+        # what it was sent was computed, so it is recorded and metered, shielded from the
+        # cancellation. Without the engine's final counts, the prompt is estimated from its
+        # length (~4 characters per token) and each piece counts as one token.
+        if not failed and finished is None:
+            finished = Generation(
+                choices=[Choice("".join(sent), "disconnected", len(sent))],
+                prompt_tokens=math.ceil(_prompt_chars(gen_request) / 4),
+            )
+        if finished is not None:
+            with anyio.CancelScope(shield=True):
+                async with request.app.state.sessionmaker() as session:
+                    await record_answer(
+                        session,
+                        tenant_id=tenant_id,
+                        resolved=resolved,
+                        request=gen_request,
+                        choices=finished.choices,
+                        prompt_tokens=finished.prompt_tokens,
+                        latency_ms=(time.perf_counter() - started) * 1000,
+                        interaction_ids=[interaction_id],
+                        endpoint=endpoint,
+                    )
+
+
+def _prompt_chars(request: GenerationRequest) -> int:
+    if request.messages is None:
+        return len(request.prompt or "")
+    return sum(len(str(m.get("content") or "")) for m in request.messages)
 
 
 def _common(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, BackgroundTasks, Query, Request, status
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.deps import PlatformDep, PrincipalCacheDep, SessionDep
 from api.schemas import (
@@ -27,23 +28,35 @@ def _created(issued: IssuedKey) -> KeyCreated:
     return KeyCreated(**KeyOut.of(issued.row).model_dump(), key=issued.secret)
 
 
+async def _provision(
+    stripe_billing: StripeBilling, sessionmaker: async_sessionmaker[AsyncSession], tenant_id: str
+) -> None:
+    async with sessionmaker() as session:
+        await stripe_billing.provision_quietly(session, tenant_id=tenant_id)
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     responses={409: {"description": "the slug is taken"}},
 )
 async def create_tenant(
-    body: TenantCreate, request: Request, session: SessionDep, _: PlatformDep
+    body: TenantCreate,
+    request: Request,
+    session: SessionDep,
+    _: PlatformDep,
+    background: BackgroundTasks,
 ) -> TenantCreated:
     """Create a tenant with its first admin and product keys (shown once). With Stripe
-    configured it also gets a Stripe customer and a metered subscription; if Stripe fails the
-    tenant is still created, and the next usage-reporting pass creates them."""
+    configured it also gets a Stripe customer and a metered subscription, made after the
+    response is sent (the keys never wait on Stripe); if Stripe fails the tenant exists anyway,
+    and the next usage-reporting pass creates them."""
     new = await tenants.create_tenant(session, slug=body.slug, name=body.name)
     stripe_billing: StripeBilling | None = request.app.state.stripe
     if stripe_billing is not None:
-        # Its own session: a Stripe failure rolls it back, which must not expire ``new``.
-        async with request.app.state.sessionmaker() as billing_session:
-            await stripe_billing.provision_quietly(billing_session, tenant_id=new.tenant.id)
+        background.add_task(
+            _provision, stripe_billing, request.app.state.sessionmaker, new.tenant.id
+        )
     return TenantCreated(
         tenant=TenantOut.of(new.tenant),
         admin_key=_created(new.admin_key),

@@ -101,10 +101,23 @@ JSON_API_ATTACKS: list[Attack] = [
     ),
 ]
 
-# Dashboard pages (/dashboard/...) that show one object — a run, an adapter version, a key —
-# belong here too: B's dashboard session against A's ids, refused as not found. The dashboard
-# is being built beside this suite; extend this list (and ``_send`` for via="dashboard").
-DASHBOARD_ATTACKS: list[Attack] = []
+# Dashboard pages and forms that name one object — a run, an adapter version, a key: B's dashboard
+# session (logged in with B's admin key, forms carrying B's CSRF token) against A's ids, refused
+# with the same "not found" page as for an id nobody has.
+DASHBOARD_ATTACKS: list[Attack] = [
+    Attack("GET", path, "admin", via="dashboard")
+    for path in ("/dashboard/runs/{run_id}", "/dashboard/runs/{run_id}/live")
+] + [
+    Attack("POST", path, "admin", via="dashboard")
+    for path in (
+        "/dashboard/runs/{run_id}/cancel",
+        "/dashboard/adapters/{version_id}/promote",
+        "/dashboard/adapters/{serving_name}/promote",
+        "/dashboard/settings/keys/{key_id}/revoke",
+        "/dashboard/settings/keys/{admin_key_id}/revoke",
+    )
+]
+REFUSAL_LOGGERS = ("api.errors", "api.dashboard.pages")
 
 # Path parameters a tenant key can never use: platform routes answer 403 to any tenant key before
 # looking anything up (tests/api/test_auth_matrix.py checks that for every such route).
@@ -158,8 +171,10 @@ def _fill(value: Any, ids: dict[str, str]) -> Any:
 async def _send(
     client: httpx.AsyncClient, attack: Attack, attacker: TenantKeys, ids: dict[str, str]
 ) -> tuple[str, httpx.Response]:
-    assert attack.via == "bearer", f"teach _send to authenticate via {attack.via!r}"
     path = _fill(attack.path, ids)
+    if attack.via == "dashboard":
+        return path, await _send_from_dashboard(client, attack, attacker, path)
+    assert attack.via == "bearer", f"teach _send to authenticate via {attack.via!r}"
     r = await client.request(
         attack.method,
         path,
@@ -167,6 +182,20 @@ async def _send(
         json=_fill(attack.body, ids) if attack.body is not None else None,
     )
     return path, r
+
+
+async def _send_from_dashboard(
+    client: httpx.AsyncClient, attack: Attack, attacker: TenantKeys, path: str
+) -> httpx.Response:
+    """A browser-like session of the attacker's own: its cookie, its CSRF token."""
+    async with httpx.AsyncClient(transport=client._transport, base_url=client.base_url) as c:
+        login = await c.post("/dashboard/login", data={"key": attacker.admin})
+        assert login.status_code == 303, login.text
+        home = await c.get("/dashboard")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', home.text)
+        assert token, "no CSRF token on the dashboard"
+        data = {"csrf_token": token.group(1)} if attack.method == "POST" else None
+        return await c.request(attack.method, path, data=data)
 
 
 def _openapi() -> dict[str, Any]:
@@ -245,25 +274,35 @@ async def test_tenant_b_cannot_reach_tenant_a(
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
     ids = await _objects_of(backend, client, a, tmp_path)
-    caplog.set_level(logging.WARNING, logger="api.errors")
+    for name in REFUSAL_LOGGERS:
+        caplog.set_level(logging.WARNING, logger=name)
     caplog.clear()
+
+    def answer(r: httpx.Response) -> Any:
+        # The JSON API's error envelope, or the dashboard's error page (a person reads that).
+        if attack.via == "dashboard":
+            assert "<html" in r.text and "Not found" in r.text, r.text
+            return r.text
+        error = r.json()["error"]
+        assert error["code"] in attack.codes, error
+        return error
 
     path, r = await _send(client, attack, b, ids)
     assert r.status_code == attack.status, (str(attack), r.status_code, r.text)
-    error = r.json()["error"]
-    assert error["code"] in attack.codes, error
+    error = answer(r)
 
     # Exactly as if the object did not exist: the same answer for an id that nobody has.
     nobody = _nobodys(ids)
     _, control = await _send(client, attack, b, nobody)
     assert control.status_code == r.status_code
-    control_error = control.json()["error"]
+    control_error = answer(control)
 
-    def scrub(e: dict[str, Any], known: dict[str, str]) -> str:
-        text = repr(e)
+    def scrub(e: Any, known: dict[str, str]) -> str:
+        text = e if isinstance(e, str) else repr(e)
         for value in known.values():
             text = text.replace(value, "<id>")
-        return text
+        # The dashboard page carries the session's own CSRF token: not part of the answer.
+        return re.sub(r'name="csrf_token" value="[^"]+"', "", text)
 
     assert scrub(error, ids) == scrub(control_error, nobody), (error, control_error)
 
@@ -271,7 +310,7 @@ async def test_tenant_b_cannot_reach_tenant_a(
     refusals = [
         rec.getMessage()
         for rec in caplog.records
-        if rec.name == "api.errors" and rec.levelno == logging.WARNING
+        if rec.name in REFUSAL_LOGGERS and rec.levelno == logging.WARNING
     ]
     assert any(b.id in msg and attack.method in msg and path in msg for msg in refusals), refusals
     for secret in (a.admin, a.product, b.admin, b.product):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,9 +26,6 @@ from core.stripe_billing import apply_webhook_event
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["billing"])
-
-# Stripe's own default: a signed event older than this is refused as a possible replay.
-WEBHOOK_TOLERANCE_S = 300
 
 
 class MeterUsageOut(BaseModel):
@@ -151,20 +147,19 @@ async def stripe_webhook(request: Request, session: SessionDep) -> WebhookAck:
         )
     payload = await request.body()  # the exact bytes Stripe signed, before any parsing
     try:
-        stripe.WebhookSignature.verify_header(
-            payload, request.headers.get("stripe-signature"), secret, WEBHOOK_TOLERANCE_S
+        # The SDK's default tolerance (5 minutes): an older signature may be a replay.
+        event = stripe.Webhook.construct_event(
+            payload, request.headers.get("stripe-signature"), secret
         )
-        event: dict[str, Any] = json.loads(payload)
         event_id, event_type = str(event["id"]), str(event["type"])
         created = datetime.fromtimestamp(int(event["created"]), UTC)
-        obj = event["data"]["object"]
-        if not isinstance(obj, dict):
-            raise ValueError("data.object is not an object")
+        obj: dict[str, Any] = event["data"]["object"].to_dict()
     except stripe.SignatureVerificationError as exc:
         raise DomainError(
             f"invalid Stripe signature: {exc.user_message or exc}", code="invalid_signature"
         ) from None
-    except (ValueError, KeyError, TypeError, OverflowError, OSError) as exc:  # not an event
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as exc:
+        # not an event (not JSON, or without the fields every event has)
         raise DomainError(f"not a Stripe event: {exc}", code="invalid_event") from None
     outcome = await apply_webhook_event(
         session, event_id=event_id, event_type=event_type, obj=obj, created=created

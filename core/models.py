@@ -126,7 +126,7 @@ class Tenant(Base):
     status: Mapped[TenantStatus] = mapped_column(
         _enum(TenantStatus, "tenant_status"), default=TenantStatus.active
     )
-    stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True, index=True)
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
     # Set by Stripe webhooks: a lapsed subscription suspends training (and, by the operator's
     # setting, inference) without touching ``status``, which is the operator's own switch.

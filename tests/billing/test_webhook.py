@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.exc import IntegrityError
 
 from api.app import create_app
 from core.db import create_sessionmaker
@@ -302,3 +303,16 @@ async def test_unpaid_blocks_inference_when_the_operator_says_so(
     )
     ok = await strict_client.post("/v1/chat/completions", headers=t.auth(), json=CHAT)
     assert ok.status_code == 200, ok.text
+
+
+async def test_a_stripe_customer_belongs_to_one_tenant(
+    make_billing_tenant, backend: Backend
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_billing_tenant(), await make_billing_tenant()
+    customer = await customer_of(backend, a.id)
+    async with create_sessionmaker(backend.engine)() as session:
+        tenant = await session.get(Tenant, b.id)
+        assert tenant is not None
+        tenant.stripe_customer_id = customer  # events for it would name two tenants
+        with pytest.raises(IntegrityError):
+            await session.commit()

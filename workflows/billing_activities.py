@@ -23,6 +23,7 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.stripe_billing import StripeBilling, StripeMisconfigured
 from workflows.contracts import (
@@ -95,3 +96,16 @@ async def ensure_report_schedule(
     except ScheduleAlreadyRunningError:
         handle = client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID)
         await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
+
+
+async def remove_report_schedule(client: Client) -> None:
+    """Delete the reporter's Schedule if there is one: a worker without Stripe registers no
+    ``ReportUsage``, so a schedule left from when Stripe was configured would start workflows
+    that nothing runs."""
+    try:
+        await client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID).delete()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+    else:
+        log.info("Stripe is not configured: the usage-reporting schedule is removed")

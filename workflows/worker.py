@@ -21,7 +21,11 @@ from core.stripe_billing import StripeBilling
 from trainer.base_models import ML_IMPORT_LOCK
 from workflows.activities import PersonalizationActivities
 from workflows.billing import ReportUsage
-from workflows.billing_activities import BillingActivities, ensure_report_schedule
+from workflows.billing_activities import (
+    BillingActivities,
+    ensure_report_schedule,
+    remove_report_schedule,
+)
 from workflows.contracts import CPU_QUEUE, GPU_QUEUE
 from workflows.personalize import PersonalizeTenant
 
@@ -131,6 +135,8 @@ async def run_worker(
                 every = timedelta(seconds=settings.billing_report_every_s)
                 await ensure_report_schedule(client, every=every)
                 log.info("usage goes to Stripe every %s", every)
+            elif CPU_QUEUE in QUEUES[queue]:
+                await remove_report_schedule(client)
             log.info("worker polling %s", ", ".join(QUEUES[queue]))
             await stop.wait()
             log.info("worker stopping")

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from temporalio.client import Client, ScheduleOverlapPolicy, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -239,3 +239,28 @@ async def test_a_worker_with_stripe_configured_creates_the_schedule(
         stop.set()
         await task
         await handle.delete()
+
+
+async def test_a_worker_without_stripe_removes_the_schedule_left_behind(
+    backend: Backend, temporal: WorkflowEnvironment
+) -> None:
+    await ensure_report_schedule(temporal.client, every=timedelta(hours=1))  # Stripe was on
+    settings = backend.settings.model_copy(update={"temporal_address": address(temporal)})
+    assert not settings.stripe_configured
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, queue="cpu", stop=stop))
+    handle = temporal.client.get_schedule_handle(REPORT_USAGE_SCHEDULE_ID)
+    try:
+        for _ in range(150):
+            try:
+                await handle.describe()
+            except RPCError as exc:
+                assert exc.status == RPCStatusCode.NOT_FOUND
+                break
+            assert not task.done(), task
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the schedule that nothing would run is still there")
+    finally:
+        stop.set()
+        await task

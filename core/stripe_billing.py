@@ -339,6 +339,7 @@ class StripeBilling:
                 continue
             if tenant.stripe_customer_id is not None and tenant.stripe_subscription_id is not None:
                 customers[tenant_id] = tenant.stripe_customer_id
+        await session.commit()  # nor one that provisioning opened to read
         oldest = datetime.now(UTC) - MAX_EVENT_AGE
         too_old = [r.id for r in rows if r.tenant_id in customers and r.created_at < oldest]
         if too_old:

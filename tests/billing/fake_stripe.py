@@ -97,6 +97,11 @@ class FakeStripe:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):06d}{secrets.token_hex(4)}"
 
+    def forget_idempotency_keys(self) -> None:
+        """What Stripe does after 24 hours: a reused key is a new request again."""
+        with self.lock:
+            self._idempotent.clear()
+
     def usage(self, customer: str, event_name: str) -> Decimal:
         """What Stripe's meter would aggregate (sum) for this customer."""
         return sum(
@@ -254,8 +259,15 @@ class FakeStripe:
         return table[rid]
 
     def list(self, path: str, q: dict[str, Any]) -> dict[str, Any]:
-        if path == "/v1/billing/meters":
-            data = [m for m in self.meters.values() if q.get("status") in (None, m["status"])]
+        if path == "/v1/billing/meters":  # newest first, in pages, as Stripe lists
+            data = [
+                m for m in reversed(self.meters.values()) if q.get("status") in (None, m["status"])
+            ]
+            if q.get("starting_after"):
+                data = data[[m["id"] for m in data].index(q["starting_after"]) + 1 :]
+            limit = int(q.get("limit", 10))
+            more = len(data) > limit
+            return {"object": "list", "url": path, "has_more": more, "data": data[:limit]}
         elif path == "/v1/prices":
             keys = q.get("lookup_keys")
             data = [

@@ -7,6 +7,7 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -322,3 +323,39 @@ async def test_a_refused_api_key_stops_the_pass_at_once(
     assert failed.value.type == "StripeMisconfigured" and failed.value.non_retryable
     assert await unreported(backend, t.id) == 40
     await wrong.close()
+
+
+async def test_no_transaction_is_held_open_while_stripe_is_called(
+    make_billing_tenant, backend: Backend, fake_stripe: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    t = await make_billing_tenant()
+    await add_usage(backend, t.id, 3)
+    stripe_billing = billing_of(backend, fake_stripe)
+    real = StripeBilling.send_meter_event
+    in_transaction: list[bool] = []
+    async with create_sessionmaker(backend.engine)() as session:
+
+        async def watched(self: StripeBilling, row: Any, customer_id: str) -> None:
+            in_transaction.append(session.in_transaction())
+            await real(self, row, customer_id)
+
+        monkeypatch.setattr(StripeBilling, "send_meter_event", watched)
+        await stripe_billing.report(session, limit=10_000)
+    assert in_transaction and not any(in_transaction)
+    assert await unreported(backend, t.id) == 0
+
+
+async def test_the_catalog_finds_its_meters_past_the_first_page(
+    backend: Backend, fake_stripe: FakeStripe
+) -> None:
+    first = await billing_of(backend, fake_stripe).catalog()
+    for _ in range(120):  # meters of the account's other products, newer than tuneloop's
+        mid = fake_stripe.new_id("mtr")
+        fake_stripe.meters[mid] = {
+            "id": mid,
+            "object": "billing.meter",
+            "status": "active",
+            "event_name": f"other_{mid}",
+        }
+    fake_stripe.forget_idempotency_keys()  # a day later: only the listing can find them
+    assert await billing_of(backend, fake_stripe).catalog() == first

@@ -118,15 +118,15 @@ class AdapterJanitor:
         self, session: AsyncSession, *, tenant_id: str, version_id: str
     ) -> AdapterVersion:
         """``registry.promote``, then unload the version it replaced."""
-        replaced = await self._live(session, tenant_id)
-        version = await registry.promote(session, tenant_id=tenant_id, version_id=version_id)
+        version, replaced = await registry.promote_replacing(
+            session, tenant_id=tenant_id, version_id=version_id
+        )
         self._moved(tenant_id, replaced, version)
         return version
 
     async def rollback(self, session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
         """``registry.rollback``, then unload the version rolled back."""
-        replaced = await self._live(session, tenant_id)
-        live = await registry.rollback(session, tenant_id=tenant_id)
+        live, replaced = await registry.rollback_replacing(session, tenant_id=tenant_id)
         self._moved(tenant_id, replaced, live)
         return live
 
@@ -139,12 +139,6 @@ class AdapterJanitor:
         """Wait for the unloads under way (shutdown, tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _live(self, session: AsyncSession, tenant_id: str) -> AdapterVersion | None:
-        version_id = await registry.live_version_id(session, tenant_id=tenant_id)
-        if version_id is None:
-            return None
-        return await registry.get_version(session, tenant_id=tenant_id, version_id=version_id)
 
     def _moved(
         self, tenant_id: str, replaced: AdapterVersion | None, live: AdapterVersion | None

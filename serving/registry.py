@@ -147,14 +147,25 @@ async def resolve_model(
 
 async def promote(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
     """Make ``version_id`` what ``default`` serves (committed). The old one is retired."""
+    version, _ = await promote_replacing(session, tenant_id=tenant_id, version_id=version_id)
+    return version
+
+
+async def promote_replacing(
+    session: AsyncSession, *, tenant_id: str, version_id: str
+) -> tuple[AdapterVersion, AdapterVersion | None]:
+    """``promote``, also returning the version it replaced (None: the base model, or nothing
+    changed), read under the deployment's row lock: of two promotions at once, each gets the
+    one it really replaced."""
     version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
     deployment = await session.get(Deployment, tenant_id, with_for_update=True)
     if deployment is None:
         deployment = Deployment(tenant_id=tenant_id)
         session.add(deployment)
     if deployment.version_id == version.id:
-        return version
+        return version, None
     now = datetime.now(UTC)
+    old = None
     if deployment.version_id is not None:
         old = await get_version(session, tenant_id=tenant_id, version_id=deployment.version_id)
         old.status = AdapterStatus.retired
@@ -163,7 +174,7 @@ async def promote(session: AsyncSession, *, tenant_id: str, version_id: str) -> 
     version.status = AdapterStatus.promoted
     version.promoted_at = now
     await session.commit()
-    return version
+    return version, old
 
 
 async def rollback(session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
@@ -171,6 +182,14 @@ async def rollback(session: AsyncSession, *, tenant_id: str) -> AdapterVersion |
 
     Returns the version now live (None: base). The rolled-back version is retired with a reason.
     """
+    live, _ = await rollback_replacing(session, tenant_id=tenant_id)
+    return live
+
+
+async def rollback_replacing(
+    session: AsyncSession, *, tenant_id: str
+) -> tuple[AdapterVersion | None, AdapterVersion]:
+    """``rollback``, also returning the version rolled back (read under the row lock)."""
     deployment = await session.get(Deployment, tenant_id, with_for_update=True)
     if deployment is None or deployment.version_id is None:
         raise Conflict("nothing to roll back: the base model is being served", code="no_rollback")
@@ -194,4 +213,4 @@ async def rollback(session: AsyncSession, *, tenant_id: str) -> AdapterVersion |
     if earlier is not None:
         earlier.status = AdapterStatus.promoted
     await session.commit()
-    return earlier
+    return earlier, current

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from core.db import create_sessionmaker
 from core.errors import Unavailable
 from core.models import Interaction
 from serving import registry
+from serving.gateway import AdapterJanitor
 from serving.local import LocalBackend
 from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest, Served
 from tests.conftest import Backend, TenantKeys
@@ -252,3 +254,45 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
         assert r.json()["choices"][0]["message"]["content"] == third
         await restarted.state.janitor.drain()
     assert await loaded() == {a3.serving_name}
+
+
+class _RecordingEngine:
+    """Only what the janitor calls: which serving names it unloads."""
+
+    def __init__(self) -> None:
+        self.unloaded: list[str] = []
+
+    async def unload(self, serving_name: str) -> None:
+        self.unloaded.append(serving_name)
+
+
+async def test_a_promotion_racing_another_unloads_the_version_it_really_replaced(
+    tenant: TenantKeys,
+    backend: Backend,
+    fresh_adapters: Callable[[int], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (v1, _), (v2, _), (v3, a3) = [
+        await register(backend, tenant.id, fresh_adapters(seed)) for seed in (111, 112, 113)
+    ]
+    sessionmaker = create_sessionmaker(backend.engine)
+    async with sessionmaker() as s:
+        await registry.promote(s, tenant_id=tenant.id, version_id=v1)
+    engine = _RecordingEngine()
+    janitor = AdapterJanitor(engine)  # type: ignore[arg-type]
+    real_get_version = registry.get_version
+    raced: list[bool] = []
+
+    async def get_version(session: Any, **kw: Any) -> Any:
+        if not raced:  # another process promotes v3 while this promotion is under way
+            raced.append(True)
+            async with sessionmaker() as other:
+                await registry.promote(other, tenant_id=tenant.id, version_id=v3)
+        return await real_get_version(session, **kw)
+
+    monkeypatch.setattr(registry, "get_version", get_version)
+    async with sessionmaker() as s:
+        await janitor.promote(s, tenant_id=tenant.id, version_id=v2)
+    await janitor.drain()
+    assert raced
+    assert engine.unloaded == [a3.serving_name]  # v2 replaced v3: v3 is not left loaded

@@ -3,17 +3,22 @@ lapsed subscription suspends training (and, by the operator's setting, inference
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.app import create_app
 from core.db import create_sessionmaker
 from core.models import BillingStatus, StripeEvent, Tenant
+from core.stripe_billing import apply_webhook_event
 from tests.billing.conftest import event, signed, stripe_settings
 from tests.billing.fake_stripe import FakeStripe
 from tests.conftest import Backend, TenantKeys
@@ -316,3 +321,35 @@ async def test_a_stripe_customer_belongs_to_one_tenant(
         tenant.stripe_customer_id = customer  # events for it would name two tenants
         with pytest.raises(IntegrityError):
             await session.commit()
+
+
+async def test_an_older_event_handled_while_a_newer_one_commits_changes_nothing(
+    make_billing_tenant, backend: Backend
+) -> None:  # type: ignore[no-untyped-def]
+    if backend.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one writer at a time: the two cannot overlap")
+    t = await make_billing_tenant()
+    customer = await customer_of(backend, t.id)
+    now = datetime.now(UTC)
+    sessionmaker = create_sessionmaker(backend.engine)
+    async with sessionmaker() as newer:
+        # A newer event's transaction, part-way: the tenant row is being changed, not committed.
+        tenant = await newer.scalar(select(Tenant).where(Tenant.id == t.id).with_for_update())
+        assert tenant is not None
+        tenant.billing_status, tenant.billing_event_at = BillingStatus.active, now
+        await newer.flush()
+        async with sessionmaker() as older:
+            late = asyncio.create_task(
+                apply_webhook_event(
+                    older,
+                    event_id=f"evt_{secrets.token_hex(8)}",
+                    event_type="customer.subscription.updated",
+                    obj=subscription(customer, "unpaid"),
+                    created=now - timedelta(seconds=60),
+                )
+            )
+            await asyncio.sleep(0.5)  # the older event is being handled meanwhile
+            await newer.commit()
+            outcome = await late
+    assert outcome.action == "ignored"
+    assert (await billing_state(backend, t.id))[0] is BillingStatus.active

@@ -218,7 +218,7 @@ class ReportBatchOutput:
     sent: int
     """Rows Stripe accepted in this batch, now marked reported."""
     pending: int
-    """Rows of the batch left unreported (no Stripe customer yet, or refused by Stripe)."""
+    """Rows of the batch left unreported (no Stripe subscription yet, too old, refused)."""
     last_id: str | None
     """The largest row id looked at (the next batch's ``after``); None: nothing was left."""
     retryable: str | None = None

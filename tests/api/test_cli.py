@@ -71,16 +71,18 @@ def test_live_api_over_http(tmp_path: Path, backend: Backend) -> None:
         ).stdout
     )
     port = free_port()
+    # To a file, not a pipe nobody reads: a full pipe would stall the server mid-test.
+    log = tmp_path / "api.log"
     proc = subprocess.Popen(
         [TUNELOOP, "api", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        # Generous: importing the ML stack takes a while on a loaded 2-core machine.
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"{base}/readyz").status_code == 200:
@@ -88,7 +90,8 @@ def test_live_api_over_http(tmp_path: Path, backend: Backend) -> None:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"api did not come up: {proc.stdout.read() if proc.stdout else ''}")
+                proc.kill()
+                pytest.fail(f"api did not come up: {log.read_text()}")
             time.sleep(0.2)
         auth = {"Authorization": f"Bearer {made['product_key']['key']}"}
         r = httpx.post(

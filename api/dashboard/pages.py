@@ -17,11 +17,14 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.dashboard import charts
@@ -108,6 +111,18 @@ class DashboardRoute(APIRoute):
                         request.url.path,
                     )
                 return error_page(request, exc.status, exc.message)
+            except RequestValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+                )
+                return error_page(request, 422, f"this page cannot take that input ({problems})")
+            except (OperationalError, InterfaceError, PoolTimeout, ConnectionError) as exc:
+                log.warning("dashboard: database unavailable: %s", exc)
+                response = error_page(
+                    request, 503, "the database is not answering; try again in a moment"
+                )
+                response.headers["Retry-After"] = "1"
+                return response
 
         return route
 
@@ -123,7 +138,14 @@ def codec(request: Request) -> SessionCodec:
 
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
-    titles = {403: "Not allowed", 404: "Not found", 402: "Payment required", 409: "Conflict"}
+    titles = {
+        402: "Payment required",
+        403: "Not allowed",
+        404: "Not found",
+        409: "Conflict",
+        422: "Can't use that",
+        503: "Try again shortly",
+    }
     return TEMPLATES.TemplateResponse(
         request,
         "error.html",

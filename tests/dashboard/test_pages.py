@@ -189,6 +189,8 @@ async def test_every_page_renders_for_an_admin(
     assert f"great {marker}" in data and "email 2" in data and "38 / 40" in data
     down_only = (await c.get("/dashboard/data", params={"rating": "down"})).text
     assert f"great {marker}" not in down_only
+    bad = await c.get("/dashboard/data", params={"rating": "sideways"})
+    assert bad.status_code == 422 and "<html" in bad.text and "rating" in bad.text
     usage = (await c.get("/dashboard/usage")).text
     assert "inference tokens" in usage and "training tokens" in usage
 

@@ -118,11 +118,11 @@ class DashboardRoute(APIRoute):
                 return error_page(request, 422, f"this page cannot take that input ({problems})")
             except (OperationalError, InterfaceError, PoolTimeout, ConnectionError) as exc:
                 log.warning("dashboard: database unavailable: %s", exc)
-                response = error_page(
+                page = error_page(
                     request, 503, "the database is not answering; try again in a moment"
                 )
-                response.headers["Retry-After"] = "1"
-                return response
+                page.headers["Retry-After"] = "1"
+                return page
 
         return route
 

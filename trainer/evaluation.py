@@ -8,7 +8,8 @@ Three measurements, all with one resident base model and the adapters switched p
   scores exactly 0.5);
 * **win rate**: greedy answers of candidate and current on held-out prompts, scored by a judge;
 * **regression**: mean per-token KL(base ‖ candidate) and the perplexity change on reference
-  answers to a shared, tenant-independent prompt set shipped with the package.
+  answers to a shared, tenant-independent prompt set shipped with the package (the answers' text
+  only: when to end the turn is a style the tenant may well have asked to change).
 """
 
 from __future__ import annotations

@@ -114,6 +114,14 @@ def _encode_pairs(
     return out
 
 
+def _closing_length(tokenizer: Any, messages: Messages) -> int:
+    """How many tokens the chat template puts after an assistant answer (ChatML: end-of-turn and
+    a newline), measured by rendering an empty answer."""
+    opened = tokenizer(_render(tokenizer, messages, None), add_special_tokens=False)["input_ids"]
+    closed = tokenizer(_render(tokenizer, messages, ""), add_special_tokens=False)["input_ids"]
+    return max(0, len(closed) - len(opened))
+
+
 def _forward_batches(
     model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]], batch_size: int
 ) -> Iterator[tuple[Any, Any, list[tuple[list[int], int]]]]:
@@ -162,11 +170,15 @@ def token_kl_and_nll(
     batch_size: int = 8,
     max_length: int = 512,
 ) -> tuple[float, float, float]:
-    """Mean per-token KL(base ‖ adapter) over the answers, and both models' mean token NLL.
+    """Mean per-token KL(base ‖ adapter) over the answers' text, and both models' mean token NLL.
 
-    Returns ``(kl, nll_base, nll_adapter)``; perplexity is ``exp(nll)``.
+    Returns ``(kl, nll_base, nll_adapter)``; perplexity is ``exp(nll)``. The chat template's
+    end-of-turn tokens after each answer are not scored: whether to stop after one sentence is
+    exactly what a tenant's length preference changes, and counting it would report a "detailed"
+    tenant's adapter as forgetting when it only answers at more length.
     """
     encoded = _encode_pairs(tokenizer, items, max_length)
+    closing = [_closing_length(tokenizer, messages) for messages, _ in items]
     kl_sum = nll_base = nll_adapter = 0.0
     n_tokens = 0
     base_batches = []
@@ -174,15 +186,18 @@ def token_kl_and_nll(
         base_batches = list(_forward_batches(model, tokenizer, encoded, batch_size))
     with use_adapter(model, adapter):
         adapted = list(_forward_batches(model, tokenizer, encoded, batch_size))
+    item = 0
     for (lp_b, input_ids, chunk), (lp_a, _, _) in zip(base_batches, adapted, strict=True):
         for row, (ids, start) in enumerate(chunk):
-            sl = slice(start - 1, len(ids) - 1)
+            end = max(start + 1, len(ids) - closing[item])
+            item += 1
+            sl = slice(start - 1, end - 1)
             b, a = lp_b[row, sl], lp_a[row, sl]
             kl_sum += float((b.exp() * (b - a)).sum())
-            targets = input_ids[row, start : len(ids)].unsqueeze(-1)
+            targets = input_ids[row, start:end].unsqueeze(-1)
             nll_base -= float(b.gather(-1, targets).sum())
             nll_adapter -= float(a.gather(-1, targets).sum())
-            n_tokens += len(ids) - start
+            n_tokens += end - start
     if n_tokens == 0:
         return math.nan, math.nan, math.nan
     return kl_sum / n_tokens, nll_base / n_tokens, nll_adapter / n_tokens

@@ -178,3 +178,19 @@ def test_corrupt_adapters_are_typed_errors(
         verify_adapter(good, expected_sha256="0" * 64)
     with pytest.raises(CorruptAdapter):
         verify_adapter(tmp_path / "does-not-exist")
+
+
+def test_regression_scores_the_answer_text_not_the_end_of_turn(data_dir: Path) -> None:
+    # A "detailed" tenant's adapter makes the model stop later; scoring the template's end-of-turn
+    # token would report that as forgetting. Only the reference's own tokens are scored.
+    from trainer.base_models import load_base_model
+    from trainer.generation import _closing_length, _encode_pairs
+
+    _, tokenizer = load_base_model("tiny-random", data_dir=data_dir)
+    messages = [{"role": "user", "content": "What does a thermometer measure?"}]
+    answer = "A thermometer measures temperature."
+    closing = _closing_length(tokenizer, messages)
+    ids, start = _encode_pairs(tokenizer, [(messages, answer)], 512)[0]
+    assert closing > 0
+    assert tokenizer.decode(ids[start : len(ids) - closing]).strip() == answer
+    assert "im_end" in tokenizer.decode(ids[len(ids) - closing :])

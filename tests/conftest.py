@@ -120,25 +120,32 @@ class TenantKeys:
         return {"Authorization": f"Bearer {self.admin if role == 'admin' else self.product}"}
 
 
+async def create_tenant(
+    client: httpx.AsyncClient, platform_key: str, *, prefix: str = "t"
+) -> TenantKeys:
+    """A fresh tenant made through the platform API, with its first keys."""
+    slug = f"{prefix}-{secrets.token_hex(5)}"
+    r = await client.post(
+        "/v1/tenants", json={"slug": slug}, headers={"Authorization": f"Bearer {platform_key}"}
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return TenantKeys(
+        id=body["tenant"]["id"],
+        slug=slug,
+        admin=body["admin_key"]["key"],
+        product=body["product_key"]["key"],
+        admin_key_id=body["admin_key"]["id"],
+        product_key_id=body["product_key"]["id"],
+    )
+
+
 @pytest.fixture
 async def make_tenant(client: httpx.AsyncClient, platform_key: str):  # type: ignore[no-untyped-def]
     """Create a fresh tenant through the platform API (each test owns its tenants)."""
 
     async def make() -> TenantKeys:
-        slug = f"t-{secrets.token_hex(5)}"
-        r = await client.post(
-            "/v1/tenants", json={"slug": slug}, headers={"Authorization": f"Bearer {platform_key}"}
-        )
-        assert r.status_code == 201, r.text
-        body = r.json()
-        return TenantKeys(
-            id=body["tenant"]["id"],
-            slug=slug,
-            admin=body["admin_key"]["key"],
-            product=body["product_key"]["key"],
-            admin_key_id=body["admin_key"]["id"],
-            product_key_id=body["product_key"]["id"],
-        )
+        return await create_tenant(client, platform_key)
 
     return make
 

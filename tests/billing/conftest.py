@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from core.settings import ApiSettings
 from tests.billing.fake_stripe import FakeStripe, FakeStripeServer
-from tests.conftest import Backend, TenantKeys
+from tests.conftest import Backend, TenantKeys, create_tenant
 
 # The real Temporal dev server, for the reporter's workflow tests.
 from tests.workflows.conftest import temporal, worker  # noqa: F401
@@ -71,20 +71,7 @@ async def make_billing_tenant(billing_client: httpx.AsyncClient, platform_key: s
     """A fresh tenant created through the Stripe-configured API."""
 
     async def make() -> TenantKeys:
-        slug = f"bill-{secrets.token_hex(5)}"
-        r = await billing_client.post(
-            "/v1/tenants", json={"slug": slug}, headers={"Authorization": f"Bearer {platform_key}"}
-        )
-        assert r.status_code == 201, r.text
-        body = r.json()
-        return TenantKeys(
-            id=body["tenant"]["id"],
-            slug=slug,
-            admin=body["admin_key"]["key"],
-            product=body["product_key"]["key"],
-            admin_key_id=body["admin_key"]["id"],
-            product_key_id=body["product_key"]["id"],
-        )
+        return await create_tenant(billing_client, platform_key, prefix="bill")
 
     return make
 

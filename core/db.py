@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -47,3 +48,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def upsert_insert(session: AsyncSession) -> Any:
+    """The session's dialect's ``insert``, the one with ``on_conflict_do_nothing`` (PostgreSQL
+    and SQLite spell it alike, but each dialect has its own construct)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert

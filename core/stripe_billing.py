@@ -25,10 +25,10 @@ from typing import Any
 
 import stripe
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.billing import METERS, BillingConfig
+from core.db import upsert_insert
 from core.errors import NotFound
 from core.models import BillingStatus, StripeEvent, Tenant, UsageRecord
 from core.settings import Settings
@@ -482,9 +482,8 @@ async def apply_webhook_event(
     own subscription counts: events about another subscription of the same customer (an old
     one, one made by hand in Stripe's dashboard) or about its invoices are recorded and
     ignored."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted = await session.execute(
-        dialect.insert(StripeEvent)
+        upsert_insert(session)(StripeEvent)
         .values(id=event_id, type=event_type[:128], processed_at=datetime.now(UTC))
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(StripeEvent.id)

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.db import upsert_insert
 from core.ids import new_id
 from core.models import UsageRecord
 
@@ -17,9 +17,8 @@ async def record_usage(
     session: AsyncSession, *, tenant_id: str, meter: str, quantity: int, idempotency_key: str
 ) -> None:
     """Add a ledger row to the session's transaction (the caller commits); a repeat is ignored."""
-    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     await session.execute(
-        module.insert(UsageRecord)
+        upsert_insert(session)(UsageRecord)
         .values(
             id=new_id("use"),
             tenant_id=tenant_id,

@@ -345,12 +345,14 @@ async def check_training_allowed(
 
 
 class InferenceGate:
-    """Per-process memo of whether a tenant may run inference, refreshed every ``ttl`` seconds.
+    """Per-process memo of a tenant's inference admission, refreshed every ``ttl`` seconds: its
+    training policy (which also decides the base-model fallback) and whether billing refuses it.
 
-    Inference is the hot path: the decision costs a dict lookup per request and the database
-    is asked at most once per ``ttl`` per tenant (one row, plus the month's spending only for a
-    tenant whose policy blocks inference over budget). The webhook ``forget``s a tenant at once
-    in the process that handles it; other processes notice within ``ttl``.
+    Inference is the hot path: admission costs a dict lookup per request and the database is
+    asked at most once per ``ttl`` per tenant (one row, plus the month's spending only for a
+    tenant whose policy blocks inference over budget). The webhook and policy changes
+    ``forget`` a tenant at once in the process that handles them; other processes notice within
+    ``ttl``.
     """
 
     def __init__(
@@ -362,39 +364,44 @@ class InferenceGate:
         self.sessionmaker = sessionmaker
         self.config = config
         self.ttl = ttl
-        self._memo: dict[str, tuple[float, BillingSuspended | BudgetExceeded | None]] = {}
+        self._memo: dict[
+            str, tuple[float, TrainingPolicy, BillingSuspended | BudgetExceeded | None]
+        ] = {}
 
     def forget(self, tenant_id: str) -> None:
         self._memo.pop(tenant_id, None)
 
-    async def check(self, tenant_id: str) -> None:
-        """Raise ``BillingSuspended`` / ``BudgetExceeded`` (402) when inference is refused."""
+    async def admit(self, tenant_id: str) -> TrainingPolicy:
+        """The tenant's policy (as of at most ``ttl`` ago) for the request about to be served;
+        raises ``BillingSuspended`` / ``BudgetExceeded`` (402) when inference is refused."""
         hit = self._memo.get(tenant_id)
         if hit is None or hit[0] < time.monotonic():
             async with self.sessionmaker() as session:
-                refusal = await self._decide(session, tenant_id)
-            hit = (time.monotonic() + self.ttl, refusal)
+                policy, refusal = await self._decide(session, tenant_id)
+            hit = (time.monotonic() + self.ttl, policy, refusal)
             self._memo[tenant_id] = hit
-        if hit[1] is not None:
+        _, policy, refusal = hit
+        if refusal is not None:
             # A fresh exception each time: re-raising one instance would grow its traceback.
-            raise type(hit[1])(hit[1].message, details=hit[1].details)
+            raise type(refusal)(refusal.message, details=refusal.details)
+        return policy
 
     async def _decide(
         self, session: AsyncSession, tenant_id: str
-    ) -> BillingSuspended | BudgetExceeded | None:
+    ) -> tuple[TrainingPolicy, BillingSuspended | BudgetExceeded | None]:
         tenant = await session.get(Tenant, tenant_id)
-        if tenant is None:
-            return None  # authentication already vouched for it; a deleted tenant 404s later
-        if tenant.billing_status is BillingStatus.suspended and self.config.unpaid_blocks_inference:
-            return _suspended(tenant, "inference")
+        if tenant is None:  # authentication already vouched for it; a deleted tenant 404s later
+            return TrainingPolicy(), None
         policy = policy_of(tenant.policy)
+        if tenant.billing_status is BillingStatus.suspended and self.config.unpaid_blocks_inference:
+            return policy, _suspended(tenant, "inference")
         budget = _budget(policy)
         if budget is None or policy.inference_over_budget == "allow":
-            return None
+            return policy, None
         spent = await _spent(session, tenant_id, month_start(), self.config)
         if spent < budget:
-            return None
-        return BudgetExceeded(
+            return policy, None
+        return policy, BudgetExceeded(
             f"this month's spending ({_usd(spent)}) reached the monthly budget of {_usd(budget)} "
             "and the policy blocks inference over budget. Raise monthly_budget_usd or set "
             "inference_over_budget to 'allow' (PUT /v1/policy)",

@@ -27,8 +27,6 @@ from api.schemas_inference import (
 )
 from core.billing import InferenceGate
 from core.errors import InvalidInput
-from core.models import Tenant
-from core.policy import policy_of
 from serving.gateway import AdapterJanitor, new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
 from serving.types import (
@@ -101,9 +99,10 @@ async def _answer(
     backend: ServingBackend,
     store: Any,
 ) -> tuple[Resolved, Generation, list[str]] | StreamingResponse:
-    # Billing (unpaid subscription, budget) from a per-process memo: no query per request.
+    # Billing (unpaid subscription, budget) and the tenant's policy from a per-process memo: no
+    # query per request.
     gate: InferenceGate = request.app.state.inference_gate
-    await gate.check(tenant_id)
+    policy = await gate.admit(tenant_id)
     resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
     if body.model == DEFAULT:  # a promotion or rollback elsewhere shows here: unload the old one
         janitor: AdapterJanitor = request.app.state.janitor
@@ -112,11 +111,7 @@ async def _answer(
             tenant_id=tenant_id,
             serving_name=resolved.adapter.serving_name if resolved.adapter else None,
         )
-    fallback_to_base = False
-    if resolved.adapter is not None:  # the tenant's policy decides; one primary-key read
-        tenant = await session.get(Tenant, tenant_id)
-        fallback_to_base = tenant is not None and policy_of(tenant.policy).fallback_to_base
-    gen_request = _generation_request(body, resolved, fallback_to_base=fallback_to_base)
+    gen_request = _generation_request(body, resolved, fallback_to_base=policy.fallback_to_base)
     # Hand the connection back while the model works (seconds): otherwise concurrent requests
     # exhaust the pool. Recording the answer takes one again.
     await session.close()

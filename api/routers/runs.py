@@ -8,10 +8,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import AdminTenantDep, SessionDep
 from api.orchestration import ACTIVE, Orchestrator
 from api.schemas import ListOf, RequestModel
+from core.billing import InferenceGate
 from core.errors import NotFound
 from core.models import RunEvent, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
@@ -71,7 +73,8 @@ def orchestrator(request: Request) -> Orchestrator:
     return orch
 
 
-async def _run(session: Any, tenant_id: str, run_id: str) -> TrainingRun:
+async def find_run(session: AsyncSession, tenant_id: str, run_id: str) -> TrainingRun:
+    """The tenant's run, or ``NotFound`` (another tenant's run looks exactly like none)."""
     run = await session.scalar(
         select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.id == run_id)
     )
@@ -128,7 +131,7 @@ async def list_runs(
 
 @router.get("/runs/{run_id}")
 async def get_run(run_id: str, session: SessionDep, tenant_id: AdminTenantDep) -> RunOut:
-    return RunOut.of(await _run(session, tenant_id, run_id))
+    return RunOut.of(await find_run(session, tenant_id, run_id))
 
 
 @router.get("/runs/{run_id}/events")
@@ -141,7 +144,7 @@ async def run_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ListOf[EventOut]:
     """Oldest first, like OpenAI's fine-tuning job events; poll with ``after``."""
-    await _run(session, tenant_id, run_id)
+    await find_run(session, tenant_id, run_id)
     rows = list(
         await session.scalars(
             select(RunEvent)
@@ -173,7 +176,7 @@ async def cancel_run(
     run_id: str, request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> RunOut:
     """Ask a run to stop; training checkpoints and the run ends ``cancelled``."""
-    run = await _run(session, tenant_id, run_id)
+    run = await find_run(session, tenant_id, run_id)
     if run.status in ACTIVE:
         await orchestrator(request).cancel(run)
     return RunOut.of(run)
@@ -192,11 +195,21 @@ async def put_policy(
 ) -> TrainingPolicy:
     """Replace the training policy (fields left out take their defaults). A ``schedule`` is
     kept in step as a Temporal Schedule; setting one needs orchestration to be configured."""
+    await save_policy(request, session, tenant_id=tenant_id, policy=body)
+    return body
+
+
+async def save_policy(
+    request: Request, session: AsyncSession, *, tenant_id: str, policy: TrainingPolicy
+) -> None:
+    """Store a tenant's policy (API and dashboard): its Temporal Schedule follows, and this
+    process's inference gate forgets the old one at once (others within the memo's ttl)."""
     tenant = await session.get(Tenant, tenant_id)
     assert tenant is not None
     old = policy_of(tenant.policy)
-    if body.schedule is not None or old.schedule is not None:
-        await orchestrator(request).sync_schedule(tenant_id, body)
-    tenant.policy = body.model_dump()
+    if policy.schedule is not None or old.schedule is not None:
+        await orchestrator(request).sync_schedule(tenant_id, policy)
+    tenant.policy = policy.model_dump()
     await session.commit()
-    return body
+    gate: InferenceGate = request.app.state.inference_gate
+    gate.forget(tenant_id)

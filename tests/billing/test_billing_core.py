@@ -174,15 +174,15 @@ async def test_inference_gate_memoizes_and_forgets(backend: Backend) -> None:
     tenant_id = await _tenant(backend)
     config = BillingConfig(unpaid_blocks_inference=True)
     gate = InferenceGate(create_sessionmaker(backend.engine), config, ttl=3600)
-    await gate.check(tenant_id)
+    await gate.admit(tenant_id)
     async with create_sessionmaker(backend.engine)() as session:
         tenant = await session.get(Tenant, tenant_id)
         assert tenant is not None
         tenant.billing_status = BillingStatus.suspended
         await session.commit()
-    await gate.check(tenant_id)  # still the memo: no query was made
+    await gate.admit(tenant_id)  # still the memo: no query was made
     gate.forget(tenant_id)
     for _ in range(2):  # refused, and refused again from the memo
         with pytest.raises(BillingSuspended) as refused:
-            await gate.check(tenant_id)
+            await gate.admit(tenant_id)
         assert "inference is suspended" in refused.value.message

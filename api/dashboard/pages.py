@@ -38,7 +38,9 @@ from api.dashboard.session import (
     switch_tenant,
 )
 from api.deps import SessionDep
-from api.orchestration import ACTIVE, Orchestrator
+from api.orchestration import ACTIVE
+from api.routers import runs
+from api.routers.billing import billing_config
 from core import billing, keys, tenants
 from core.errors import DomainError, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from core.feedback import feedback_stats, list_feedback
@@ -196,19 +198,9 @@ async def checked(request: Request, s: SessionUser) -> DashboardSession:
 CheckedUser = Annotated[DashboardSession, Depends(checked)]
 
 
-def billing_config(request: Request) -> billing.BillingConfig:
-    config: billing.BillingConfig | None = getattr(request.app.state, "billing", None)
-    return config or billing.BillingConfig.from_settings(request.app.state.settings)
-
-
 def janitor(request: Request) -> AdapterJanitor:
     found: AdapterJanitor = request.app.state.janitor
     return found
-
-
-def orchestrator(request: Request) -> Orchestrator:
-    orch: Orchestrator = request.app.state.orchestrator
-    return orch
 
 
 async def render(
@@ -393,19 +385,10 @@ async def run_list(
 async def run_start(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    run, started = await orchestrator(request).start_run(
+    run, started = await runs.orchestrator(request).start_run(
         db, tenant_id=tenant_id, trigger="dashboard"
     )
     return back_to(f"/dashboard/runs/{run.id}", "run_started" if started else "run_running")
-
-
-async def _run(db: AsyncSession, tenant_id: str, run_id: str) -> TrainingRun:
-    run = await db.scalar(
-        select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.id == run_id)
-    )
-    if run is None:
-        raise NotFound(f"there is no run {run_id!r} in this tenant")
-    return run
 
 
 async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> dict[str, Any]:
@@ -425,9 +408,6 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
     progress = run.progress or {}
     total = progress.get("total_steps") or 0
     percent = min(100, round(100 * progress.get("step", 0) / total)) if total else None
-    for key in ("step", "total_steps"):  # JSON may have turned them into floats
-        if isinstance(progress.get(key), float):
-            progress = {**progress, key: int(progress[key])}
     return {
         "run": run,
         "active": run.status in ACTIVE,
@@ -449,7 +429,7 @@ def _num(m: dict[str, Any], key: str) -> bool:
 async def run_page(
     run_id: str, request: Request, db: SessionDep, s: SessionUser, tenant_id: TenantId
 ) -> Response:
-    run = await _run(db, tenant_id, run_id)
+    run = await runs.find_run(db, tenant_id, run_id)
     return await render(request, db, s, "run.html", **await _live_context(db, tenant_id, run))
 
 
@@ -458,7 +438,7 @@ async def run_live(
     run_id: str, request: Request, db: SessionDep, s: SessionUser, tenant_id: TenantId
 ) -> Response:
     """The live section alone, for the page's script to swap in while the run is active."""
-    run = await _run(db, tenant_id, run_id)
+    run = await runs.find_run(db, tenant_id, run_id)
     return await render(request, db, s, "run_live.html", **await _live_context(db, tenant_id, run))
 
 
@@ -466,9 +446,9 @@ async def run_live(
 async def run_cancel(
     run_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    run = await _run(db, tenant_id, run_id)
+    run = await runs.find_run(db, tenant_id, run_id)
     if run.status in ACTIVE:
-        await orchestrator(request).cancel(run)
+        await runs.orchestrator(request).cancel(run)
     return back_to(f"/dashboard/runs/{run.id}", "cancel_requested")
 
 
@@ -659,12 +639,7 @@ async def policy_save(
         return await _settings(
             request, db, s, tenant_id, policy=current_policy, errors=errors, status_code=422
         )
-    tenant = await tenants.get_tenant(db, tenant_id=tenant_id)
-    old = policy_of(tenant.policy)
-    if policy.schedule is not None or old.schedule is not None:
-        await orchestrator(request).sync_schedule(tenant_id, policy)
-    tenant.policy = policy.model_dump()
-    await db.commit()
+    await runs.save_policy(request, db, tenant_id=tenant_id, policy=policy)
     return back_to("/dashboard/settings", "policy_saved")
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -236,10 +237,14 @@ async def login_page(request: Request, next: str = "/dashboard") -> HTMLResponse
 
 
 def _safe_next(target: str) -> str:
-    # Only paths inside the dashboard: never an open redirect to another site.
-    if target.startswith("/dashboard") and "//" not in target and "\\" not in target:
-        return target
-    return "/dashboard"
+    """Where to go after logging in: a plain path inside the dashboard, else the overview —
+    never another site (``//host``, a scheme) nor a path that leaves ``/dashboard`` by ``..``."""
+    parts = urlsplit(target)
+    inside = parts.path == "/dashboard" or parts.path.startswith("/dashboard/")
+    plain = posixpath.normpath(parts.path) == parts.path and "\\" not in target
+    if parts.scheme or parts.netloc or not inside or not plain:
+        return "/dashboard"
+    return target
 
 
 @router.post("/login")

@@ -3,16 +3,15 @@
 Pure-Python checks that always run: every YAML parses, every Kubernetes object validates against
 the schemas kubernetes-validate ships, every environment variable handed to a tuneloop process
 is one its settings read, every tuneloop command line parses with the real CLI, vLLM is sized for
-the largest LoRA rank a policy allows and kept private to the gateway. ``docker compose config``
-runs too where the compose plugin exists.
+the largest LoRA rank a policy allows and kept private to the gateway. (``docker compose config``
+is not run: the compose plugin is not installable on these machines, and Debian's docker-compose
+1.x predates the Compose Specification this file uses.)
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -359,26 +358,6 @@ def test_vllm_is_reachable_only_from_the_gateway() -> None:
     svc = compose()["services"]["vllm"]
     assert "ports" not in svc and svc["networks"] == ["internal"]
     assert compose()["networks"]["internal"]["internal"] is True
-
-
-def test_docker_compose_config() -> None:
-    docker = shutil.which("docker")
-    has_compose = docker is not None and (
-        subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
-    )
-    if not has_compose:
-        pytest.skip(
-            "`docker compose` (the compose plugin) is not installed here; the pure-Python "
-            "checks above still parse and cross-check infra/compose.yaml"
-        )
-    env = {"POSTGRES_PASSWORD": "x", "TUNELOOP_SESSION_SECRET": "y", "PATH": "/usr/bin:/bin"}
-    r = subprocess.run(
-        [str(docker), "compose", "-f", str(COMPOSE), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr
 
 
 def test_the_schema_check_can_fail() -> None:

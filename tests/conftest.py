@@ -3,17 +3,21 @@ reachable), the real app over ASGI, and tenants owned by each test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -153,6 +157,29 @@ async def make_tenant(client: httpx.AsyncClient, platform_key: str):  # type: ig
 @pytest.fixture
 async def tenant(make_tenant) -> TenantKeys:  # type: ignore[no-untyped-def]
     return await make_tenant()
+
+
+@asynccontextmanager
+async def serve(app: FastAPI, *, start_timeout: float = 30) -> AsyncIterator[str]:
+    """``app`` served by uvicorn on a loopback port in this event loop (the app's engine and the
+    test's fixtures are bound to it); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    deadline = asyncio.get_running_loop().time() + start_timeout
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it stopped
+            raise AssertionError("uvicorn exited before it started")
+        assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start in time"
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def free_port() -> int:

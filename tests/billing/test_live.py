@@ -8,11 +8,8 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
 
@@ -20,36 +17,17 @@ from core.db import create_sessionmaker
 from core.models import Interaction, UsageRecord
 from tests.billing.fake_stripe import FakeStripe
 from tests.billing.test_stripe_reporting import tenant_row
-from tests.conftest import Backend, TenantKeys, free_port
-
-
-@asynccontextmanager
-async def live(app: FastAPI) -> AsyncIterator[str]:
-    """``app`` served by uvicorn on a loopback port, in this event loop (the app's engine is
-    bound to it)."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        assert not task.done(), task
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+from tests.conftest import Backend, TenantKeys, serve
 
 
 async def test_tenant_creation_answers_without_waiting_for_stripe(
     billing_app: FastAPI, backend: Backend, fake_stripe: FakeStripe, platform_key: str
 ) -> None:
-    fake_stripe.delay_customers_s = 3.0
+    # Long enough that a creation waiting on Stripe could not pass for a quick one, even on a
+    # loaded machine.
+    fake_stripe.delay_customers_s = 10.0
     try:
-        async with live(billing_app) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async with serve(billing_app) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
             started = time.monotonic()
             r = await c.post(
                 "/v1/tenants",
@@ -60,9 +38,9 @@ async def test_tenant_creation_answers_without_waiting_for_stripe(
             assert r.status_code == 201, r.text
             body = r.json()
             assert body["admin_key"]["key"] and body["product_key"]["key"]
-            assert took < 2.0, f"creation waited {took:.1f}s on Stripe"
+            assert took < 5.0, f"creation waited {took:.1f}s on Stripe"
             # Stripe's customer and subscription follow, after the response.
-            for _ in range(100):
+            for _ in range(300):
                 row = await tenant_row(backend, body["tenant"]["id"])
                 if row.stripe_subscription_id is not None:
                     break
@@ -83,7 +61,7 @@ async def test_a_stream_whose_client_disconnects_is_still_recorded_and_metered(
         "max_tokens": 48,
         "stream": True,
     }
-    async with live(billing_app) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
+    async with serve(billing_app) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
         async with c.stream("POST", "/v1/chat/completions", headers=t.auth(), json=request) as r:
             assert r.status_code == 200
             interaction_id = r.headers["X-Interaction-Id"]

@@ -71,7 +71,7 @@ class LiveApi:
                 stderr=subprocess.STDOUT,
             )
 
-    async def ready(self, timeout: float = 60) -> float:
+    async def ready(self, timeout: float = 180) -> float:
         started = time.monotonic()
         async with httpx.AsyncClient() as c:
             while True:
@@ -117,7 +117,8 @@ async def test_api_killed_and_restarted_mid_ingest(
             api.start()
             return await api.ready()
 
-        deadline = time.monotonic() + 120
+        # Room for a restart that re-imports the ML stack on a loaded machine.
+        deadline = time.monotonic() + 240
         limits = httpx.Limits(max_connections=16)
         async with httpx.AsyncClient(base_url=api.url, timeout=30, limits=limits) as http:
             auth = tenant.auth()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from api.app import create_app
@@ -323,6 +323,19 @@ async def test_a_stripe_customer_belongs_to_one_tenant(
             await session.commit()
 
 
+async def _until_a_lock_is_awaited(backend: Backend, timeout: float = 30) -> None:
+    """Until some session of this database waits for a lock (PostgreSQL's pg_locks)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with backend.engine.connect() as probe:
+        while asyncio.get_running_loop().time() < deadline:
+            waiting = await probe.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+            await probe.rollback()  # a fresh view of the locks on the next look
+            if waiting:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError("the older event never waited for the tenant's row lock")
+
+
 async def test_an_older_event_handled_while_a_newer_one_commits_changes_nothing(
     make_billing_tenant, backend: Backend
 ) -> None:  # type: ignore[no-untyped-def]
@@ -348,7 +361,8 @@ async def test_an_older_event_handled_while_a_newer_one_commits_changes_nothing(
                     created=now - timedelta(seconds=60),
                 )
             )
-            await asyncio.sleep(0.5)  # the older event is being handled meanwhile
+            await _until_a_lock_is_awaited(backend)  # the older event waits for the row
+            assert not late.done()
             await newer.commit()
             outcome = await late
     assert outcome.action == "ignored"

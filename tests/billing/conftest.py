@@ -15,7 +15,9 @@ import stripe
 from fastapi import FastAPI
 
 from api.app import create_app
+from core.db import create_sessionmaker
 from core.settings import ApiSettings
+from core.usage import INFERENCE_TOKENS, record_usage
 from tests.billing.fake_stripe import FakeStripe, FakeStripeServer
 from tests.conftest import Backend, TenantKeys, create_tenant
 
@@ -98,3 +100,18 @@ def event(
         "type": type_,
         "data": {"object": obj},
     }
+
+
+async def add_usage(
+    backend: Backend, tenant_id: str, *quantities: int, meter: str = INFERENCE_TOKENS
+) -> None:
+    async with create_sessionmaker(backend.engine)() as session:
+        for q in quantities:
+            await record_usage(
+                session,
+                tenant_id=tenant_id,
+                meter=meter,
+                quantity=q,
+                idempotency_key=f"test:{secrets.token_hex(8)}",
+            )
+        await session.commit()

@@ -22,7 +22,8 @@ from core.db import create_sessionmaker
 from core.errors import BillingSuspended, BudgetExceeded, NotFound
 from core.models import BillingStatus, Feedback, Tenant, UsageRecord
 from core.policy import TrainingPolicy
-from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS, record_usage
+from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS
+from tests.billing.conftest import add_usage
 from tests.conftest import Backend
 
 PRICES = BillingConfig(
@@ -38,25 +39,13 @@ async def _tenant(backend: Backend, **policy: object) -> str:
         return tenant.id
 
 
-async def _usage(backend: Backend, tenant_id: str, meter: str, quantity: int) -> None:
-    async with create_sessionmaker(backend.engine)() as session:
-        await record_usage(
-            session,
-            tenant_id=tenant_id,
-            meter=meter,
-            quantity=quantity,
-            idempotency_key=f"test:{secrets.token_hex(8)}",
-        )
-        await session.commit()
-
-
 async def test_summary_prices_each_meter_and_counts_reporting(backend: Backend) -> None:
     tenant_id = await _tenant(backend)
     other = await _tenant(backend)
-    await _usage(backend, tenant_id, INFERENCE_TOKENS, 1500)
-    await _usage(backend, tenant_id, INFERENCE_TOKENS, 500)
-    await _usage(backend, tenant_id, TRAINING_TOKENS, 10_000)
-    await _usage(backend, other, INFERENCE_TOKENS, 999_999)  # never counted for tenant_id
+    await add_usage(backend, tenant_id, 1500, meter=INFERENCE_TOKENS)
+    await add_usage(backend, tenant_id, 500, meter=INFERENCE_TOKENS)
+    await add_usage(backend, tenant_id, 10_000, meter=TRAINING_TOKENS)
+    await add_usage(backend, other, 999_999, meter=INFERENCE_TOKENS)  # never counted for tenant_id
     async with create_sessionmaker(backend.engine)() as session:
         # One row already reported, one from last month (outside the period).
         first = await session.scalar(
@@ -135,11 +124,11 @@ async def test_estimate_scales_with_feedback_epochs_and_max_steps(backend: Backe
 async def test_budget_refuses_a_run_and_says_the_numbers(backend: Backend) -> None:
     tenant_id = await _tenant(backend, epochs=1.0, monthly_budget_usd=0.05)
     await _feedback(backend, tenant_id, n=10, words=300)  # 3,000 tokens: $0.03 a run
-    await _usage(backend, tenant_id, INFERENCE_TOKENS, 5000)  # $0.01 spent
+    await add_usage(backend, tenant_id, 5000, meter=INFERENCE_TOKENS)  # $0.01 spent
     async with create_sessionmaker(backend.engine)() as session:
         est = await check_training_allowed(session, tenant_id=tenant_id, config=PRICES)
         assert est.projected_usd == Decimal("0.04") and est.within_budget
-    await _usage(backend, tenant_id, INFERENCE_TOKENS, 10_000)  # $0.03 spent now
+    await add_usage(backend, tenant_id, 10_000, meter=INFERENCE_TOKENS)  # $0.03 spent now
     async with create_sessionmaker(backend.engine)() as session:
         with pytest.raises(BudgetExceeded) as refused:
             await check_training_allowed(session, tenant_id=tenant_id, config=PRICES)

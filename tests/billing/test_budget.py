@@ -3,28 +3,15 @@ it (402 with the numbers) and, by policy, inference once it is reached; usage sh
 
 from __future__ import annotations
 
-import secrets
 from decimal import Decimal
 
 import httpx
 
-from core.db import create_sessionmaker
-from core.usage import INFERENCE_TOKENS, record_usage
+from core.usage import INFERENCE_TOKENS
+from tests.billing.conftest import add_usage
 from tests.conftest import Backend, TenantKeys
 
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-async def spend(backend: Backend, tenant_id: str, tokens: int) -> None:
-    async with create_sessionmaker(backend.engine)() as session:
-        await record_usage(
-            session,
-            tenant_id=tenant_id,
-            meter=INFERENCE_TOKENS,
-            quantity=tokens,
-            idempotency_key=f"test:{secrets.token_hex(8)}",
-        )
-        await session.commit()
 
 
 async def put_policy(client: httpx.AsyncClient, t: TenantKeys, **policy: object) -> None:
@@ -72,7 +59,7 @@ async def test_a_run_over_budget_is_refused_with_the_numbers(
     assert estimate["training_tokens"] == 3000 and Decimal(estimate["cost_usd"]) == Decimal("0.03")
     assert estimate["within_budget"] is True
 
-    await spend(backend, tenant.id, 15_000)  # $0.03 of inference: $0.06 with the run
+    await add_usage(backend, tenant.id, 15_000)  # $0.03 of inference: $0.06 with the run
     usage = (await client.get("/v1/usage", headers=tenant.auth("admin"))).json()
     assert usage["next_run_estimate"]["within_budget"] is False
     assert Decimal(usage["next_run_estimate"]["projected_usd"]) == Decimal("0.06")
@@ -98,7 +85,7 @@ async def test_inference_over_budget_follows_the_policy(
     await put_policy(client, allow, monthly_budget_usd=0.01)
     await put_policy(client, block, monthly_budget_usd=0.01, inference_over_budget="block")
     for t in (allow, block):
-        await spend(backend, t.id, 5_000)  # exactly $0.01: the budget is reached
+        await add_usage(backend, t.id, 5_000)  # exactly $0.01: the budget is reached
     assert (
         await client.post("/v1/chat/completions", headers=allow.auth(), json=CHAT)
     ).status_code == 200
@@ -113,7 +100,7 @@ async def test_under_budget_inference_is_answered(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
     await put_policy(client, tenant, monthly_budget_usd=1, inference_over_budget="block")
-    await spend(backend, tenant.id, 1000)
+    await add_usage(backend, tenant.id, 1000)
     r = await client.post("/v1/chat/completions", headers=tenant.auth(), json=CHAT)
     assert r.status_code == 200, r.text
 
@@ -127,7 +114,7 @@ async def test_budget_must_be_sane(client: httpx.AsyncClient, tenant: TenantKeys
 async def test_usage_since_a_date(
     client: httpx.AsyncClient, tenant: TenantKeys, backend: Backend
 ) -> None:
-    await spend(backend, tenant.id, 100)
+    await add_usage(backend, tenant.id, 100)
     for since, status in (
         ("2020-01-01T00:00:00", 200),  # no zone: UTC
         ("2020-01-01T00:00:00+02:00", 200),

@@ -21,10 +21,9 @@ from core.db import create_sessionmaker
 from core.models import BillingStatus, RunStatus, Tenant, TrainingRun
 from core.stripe_billing import EVENT_NAMES, StripeBilling
 from core.usage import INFERENCE_TOKENS
-from tests.billing.conftest import stripe_settings
+from tests.billing.conftest import add_usage, stripe_settings
 from tests.billing.fake_stripe import FakeStripe
 from tests.billing.test_stripe_reporting import (
-    add_usage,
     billing_of,
     report_all,
     tenant_row,

@@ -19,8 +19,8 @@ from temporalio.testing import ActivityEnvironment
 from core.db import create_sessionmaker
 from core.models import Tenant, UsageRecord
 from core.stripe_billing import EVENT_NAMES, StripeBilling, StripeMisconfigured
-from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS, record_usage
-from tests.billing.conftest import stripe_settings
+from core.usage import INFERENCE_TOKENS, TRAINING_TOKENS
+from tests.billing.conftest import add_usage, stripe_settings
 from tests.billing.fake_stripe import FakeStripe
 from tests.conftest import Backend
 from workflows.billing_activities import BillingActivities
@@ -31,21 +31,6 @@ def billing_of(backend: Backend, fake: FakeStripe) -> StripeBilling:
     built = StripeBilling.from_settings(stripe_settings(backend, fake))
     assert built is not None
     return built
-
-
-async def add_usage(
-    backend: Backend, tenant_id: str, *quantities: int, meter: str = INFERENCE_TOKENS
-) -> None:
-    async with create_sessionmaker(backend.engine)() as session:
-        for q in quantities:
-            await record_usage(
-                session,
-                tenant_id=tenant_id,
-                meter=meter,
-                quantity=q,
-                idempotency_key=f"test:{secrets.token_hex(8)}",
-            )
-        await session.commit()
 
 
 async def tenant_row(backend: Backend, tenant_id: str) -> Tenant:

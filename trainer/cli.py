@@ -175,16 +175,28 @@ def eval(  # the command is called "eval"; shadowing the builtin here is intende
     ] = None,
     judge: Annotated[
         str | None,
-        typer.Option(help="Simulated-user judge for the win rate: concise, detailed, bullets."),
+        typer.Option(
+            help="A simulated-user persona as the judge (default: the thumbs judge learned from "
+            "the feedback's train split)."
+        ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per judged answer.")] = 64,
-    max_win_prompts: Annotated[int, typer.Option(help="Held-out prompts to judge.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per judged answer.")] = 96,
+    max_win_prompts: Annotated[int, typer.Option(help="Held-out prompts to judge.")] = 64,
     min_pref_improvement: Annotated[
-        float, typer.Option(help="Gate: required preference-accuracy gain.")
+        float, typer.Option(help="Gate: least tenant-metric gain at the interval's low end.")
+    ] = 0.0,
+    min_win_rate: Annotated[
+        float, typer.Option(help="Gate: least win rate at the interval's low end.")
+    ] = 0.5,
+    min_judge_auroc: Annotated[
+        float, typer.Option(help="The judge decides only from this held-out AUROC on.")
+    ] = 0.65,
+    max_capability_drop: Annotated[
+        float, typer.Option(help="Gate: largest capability pass-rate drop (upper bound).")
     ] = 0.05,
     max_regression_kl: Annotated[float, typer.Option(help="Gate: largest regression KL.")] = 0.5,
-    min_win_rate: Annotated[
-        float | None, typer.Option(help="Gate: least win rate (needs --judge).")
+    max_capability_tasks: Annotated[
+        int | None, typer.Option(help="Run only the first N capability tasks (default: all).")
     ] = None,
     holdout_fraction: Annotated[
         float, typer.Option(help="Holdout share used when compiling a feedback file.")
@@ -193,7 +205,8 @@ def eval(  # the command is called "eval"; shadowing the builtin here is intende
 ) -> None:
     """Evaluate an adapter against the current one (or base); print the report and gate decision."""
     from trainer.compiler import compile_feedback, load_compiled, read_feedback_jsonl
-    from trainer.evaluation import GatePolicy, evaluate, gate
+    from trainer.evaluation import evaluate
+    from trainer.gate import GatePolicy, gate
     from trainer.simulated_users import PERSONAS
 
     with _trainer_errors():
@@ -201,8 +214,9 @@ def eval(  # the command is called "eval"; shadowing the builtin here is intende
             raise InvalidSpec(f"--judge must be one of {', '.join(PERSONAS)}, got {judge!r}")
         policy = GatePolicy(
             min_pref_improvement=min_pref_improvement,
-            max_regression_kl=max_regression_kl,
             min_win_rate=min_win_rate,
+            max_capability_drop=max_capability_drop,
+            max_regression_kl=max_regression_kl,
         )
         if feedback.is_dir():
             dataset = load_compiled(feedback)
@@ -219,7 +233,9 @@ def eval(  # the command is called "eval"; shadowing the builtin here is intende
             data=dataset,
             data_dir=data_dir,
             judge=PERSONAS[judge].judge if judge else None,
+            min_judge_auroc=min_judge_auroc,
             max_new_tokens=max_new_tokens,
+            max_capability_tasks=max_capability_tasks,
             max_win_prompts=max_win_prompts,
         )
         decision = gate(report, policy)

@@ -19,6 +19,7 @@ from trainer.training import verify_adapter
 
 __all__ = [
     "BASE",
+    "answer_features",
     "answer_logprobs",
     "generate_answers",
     "load_with_adapters",
@@ -159,6 +160,53 @@ def answer_logprobs(
             picked = logp[row, start - 1 : len(ids) - 1].gather(-1, targets.unsqueeze(-1))
             results.append((float(picked.sum()), len(ids) - start))
     return results
+
+
+def answer_features(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[Messages, str]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> list[list[float]]:
+    """A fixed-size description of each answer in its conversation, from the model's own hidden
+    states: the mean over the answer's tokens at the middle and the last layer, the last
+    layer's state at the end of the turn (which has read the whole answer), and the log of the
+    answer's token count. Run it with adapters off: a judge needs features that do not move
+    with the candidate it judges.
+    """
+    import torch
+
+    encoded = _encode_pairs(tokenizer, items, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    rows: list[list[float]] = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        with torch.no_grad():
+            out = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+            )
+        states = out.hidden_states
+        middle, last = states[len(states) // 2].float().cpu(), states[-1].float().cpu()
+        for row, (ids, start) in enumerate(chunk):
+            answer = slice(start, len(ids))
+            rows.append(
+                middle[row, answer].mean(0).tolist()
+                + last[row, answer].mean(0).tolist()
+                + last[row, len(ids) - 1].tolist()
+                + [math.log1p(len(ids) - start)]
+            )
+    return rows
 
 
 def token_kl_and_nll(

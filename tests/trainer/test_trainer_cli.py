@@ -90,7 +90,9 @@ def test_train_then_eval(
             "--max-new-tokens",
             "4",
             "--max-win-prompts",
-            "2",
+            "8",
+            "--max-capability-tasks",
+            "5",
             "--data-dir",
             str(data_dir),
         ],
@@ -98,7 +100,9 @@ def test_train_then_eval(
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["report"]["n_holdout_pairs"] > 0
-    assert out["report"]["n_win_prompts"] == 2
+    assert out["report"]["judge"]["reason"] == "a judge given to the evaluation"
+    assert out["report"]["n_win_prompts"] in (0, 8)  # 0: fewer than 8 held-out questions
+    assert out["report"]["n_capability"] == 5
     assert isinstance(out["gate"]["promote"], bool) and out["gate"]["reason"]
 
 

@@ -1,0 +1,112 @@
+"""The tenant's thumbs judge: learns what a tenant's users like from unpaired thumbs, and is
+allowed to decide only when it separates held-out thumbs it never saw."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from trainer import KTOExample, ThumbsJudge, load_base_model, train_thumbs_judge
+from trainer.judge import JudgeQuality
+
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "then",
+    "went",
+    "to",
+    "sleep",
+    "in",
+    "the",
+    "warm",
+    "sun",
+    "by",
+    "the",
+    "door",
+]
+
+
+def _thumbs(n: int, *, seed: int, noise: bool = False) -> list[KTOExample]:
+    """Unpaired thumbs on one answer per question: users like short answers (or, with
+    ``noise``, vote at random)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        short = rng.random() < 0.5
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5) if short else 30))
+        label = rng.random() < 0.5 if noise else short
+        prompt = [{"role": "user", "content": f"question {seed}-{i}: how do I fix thing {i % 7}?"}]
+        out.append(KTOExample(prompt, answer, label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir: Path) -> tuple[object, object]:
+    return load_base_model("tiny-random", data_dir=data_dir)
+
+
+def test_judge_learns_a_taste_and_may_decide(tiny: tuple[object, object], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    judge = train_thumbs_judge(
+        model,
+        tokenizer,
+        base_model="tiny-random",
+        train=_thumbs(60, seed=1),
+        holdout=_thumbs(30, seed=2),
+    )
+    assert isinstance(judge, ThumbsJudge)
+    q = judge.quality
+    assert q.trusted, q.reason
+    assert q.auroc is not None and q.auroc.value >= 0.9 and q.auroc.n == 30
+    assert q.brier is not None and q.brier < 0.25 and q.n_train == 60
+    prompt = [{"role": "user", "content": "question x: how do I fix thing 3?"}]
+    short, long = judge.probabilities(
+        model, tokenizer, [(prompt, "the cat sat."), (prompt, " ".join(["the warm sun"] * 12))]
+    )
+    assert short > 0.5 > long
+    judge.save(tmp_path / "judge.json")
+    again = ThumbsJudge.load(tmp_path / "judge.json")
+    assert again.probabilities(model, tokenizer, [(prompt, "the cat sat.")]) == pytest.approx(
+        [short]
+    )
+    assert again.quality.auroc == q.auroc
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_a_coin_flip_tenant_gets_no_judge(tiny: tuple[object, object], seed: int) -> None:
+    model, tokenizer = tiny
+    judge = train_thumbs_judge(
+        model,
+        tokenizer,
+        base_model="tiny-random",
+        train=_thumbs(60, seed=seed, noise=True),
+        holdout=_thumbs(30, seed=seed + 100, noise=True),
+    )
+    assert isinstance(judge, ThumbsJudge)
+    assert not judge.quality.trusted, judge.quality.reason
+    assert "cannot tell" in judge.quality.reason or "chance" in judge.quality.reason
+
+
+def test_too_few_thumbs_is_said_not_guessed(tiny: tuple[object, object]) -> None:
+    model, tokenizer = tiny
+    few = train_thumbs_judge(
+        model, tokenizer, base_model="tiny-random", train=_thumbs(6, seed=7), holdout=[]
+    )
+    assert isinstance(few, JudgeQuality) and not few.trusted
+    assert "too few thumbs" in few.reason
+    enough = train_thumbs_judge(
+        model,
+        tokenizer,
+        base_model="tiny-random",
+        train=_thumbs(40, seed=8),
+        holdout=_thumbs(4, seed=9),
+    )
+    assert isinstance(enough, ThumbsJudge) and not enough.quality.trusted
+    assert "too little held-out data" in enough.quality.reason

@@ -1,0 +1,219 @@
+"""The tenant's thumbs judge: a pointwise reward model P(up | conversation, answer), learned from
+the tenant's own unpaired thumbs (as in Meta's RLUF, "Reinforcement Learning from User Feedback").
+
+Real feedback is unpaired and scarce (one answer per question, a minority rated), so the judge is
+small on purpose: a regularized logistic regression on the frozen base model's hidden states
+(:func:`trainer.generation.answer_features`), its strength chosen by cross-validation on the
+train split. A fine-tuned classifier head would overfit a hundred thumbs; the probe trains in
+seconds and cannot drift with the adapter it judges, because its features come from the base.
+
+It may decide only when it has shown, on the held-out split it never saw, that it tells liked
+from disliked answers: its AUROC there must reach the policy's bar and its interval must exclude
+chance. The report carries that AUROC (with n and interval) and the Brier score either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.compiler import KTOExample
+from trainer.generation import BASE, answer_features, use_adapter
+from trainer.stats import Estimate, auroc
+
+__all__ = ["JudgeQuality", "ThumbsJudge", "train_thumbs_judge"]
+
+logger = logging.getLogger(__name__)
+
+MIN_PER_CLASS = 4
+"""Fewer ups or downs than this (in a split) says nothing about a judge: it is not trained, or
+not trusted."""
+JUDGE_FILE = "judge.json"
+
+
+@dataclass
+class JudgeQuality:
+    """How well the judge separates the held-out thumbs; stored in the eval report."""
+
+    trusted: bool
+    reason: str
+    auroc: Estimate | None = None
+    brier: float | None = None
+    """Mean squared error of P(up) on the held-out thumbs (0.25 is a coin's)."""
+    n_train: int = 0
+    n_holdout: int = 0
+    regularization: float | None = None
+    """The inverse L2 strength cross-validation picked."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["auroc"] = self.auroc.to_dict() if self.auroc else None
+        return d
+
+
+@dataclass
+class ThumbsJudge:
+    """A trained judge: ``P(up) = sigmoid(weights · features + bias)``."""
+
+    weights: list[float]
+    bias: float
+    base_model: str
+    quality: JudgeQuality = field(default_factory=lambda: JudgeQuality(False, "not evaluated"))
+
+    def probabilities(
+        self,
+        model: Any,
+        tokenizer: Any,
+        items: Sequence[tuple[Sequence[Mapping[str, str]], str]],
+        *,
+        batch_size: int = 8,
+    ) -> list[float]:
+        """P(up) for each (conversation, answer), scored on ``model`` with adapters off."""
+        if not items:
+            return []
+        with use_adapter(model, BASE):
+            feats = answer_features(model, tokenizer, items, batch_size=batch_size)
+        out: list[float] = []
+        for row in feats:
+            z = self.bias + sum(w * x for w, x in zip(self.weights, row, strict=True))
+            out.append(1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0))))
+        return out
+
+    def save(self, path: Path) -> None:
+        """Plain JSON (no pickle): a judge file is data, never code."""
+        payload = {
+            "kind": "thumbs_judge",
+            "base_model": self.base_model,
+            "weights": self.weights,
+            "bias": self.bias,
+            "quality": self.quality.to_dict(),
+        }
+        path.write_text(json.dumps(payload) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ThumbsJudge:
+        raw = json.loads(path.read_text())
+        if raw.get("kind") != "thumbs_judge":
+            raise ValueError(f"{path} is not a thumbs judge")
+        q = dict(raw.get("quality") or {})
+        est = q.pop("auroc", None)
+        quality = JudgeQuality(**q, auroc=Estimate(**est) if est else None)
+        return cls(
+            [float(w) for w in raw["weights"]], float(raw["bias"]), raw["base_model"], quality
+        )
+
+
+def train_thumbs_judge(
+    model: Any,
+    tokenizer: Any,
+    *,
+    base_model: str,
+    train: Sequence[KTOExample],
+    holdout: Sequence[KTOExample],
+    min_auroc: float = 0.65,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> ThumbsJudge | JudgeQuality:
+    """Fit the judge on ``train`` and measure it on ``holdout``.
+
+    Returns the judge (its ``quality`` says whether it may decide), or only a
+    :class:`JudgeQuality` with the reason when there is too little data to fit one.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_up = sum(ex.label for ex in train)
+    n_down = len(train) - n_up
+    if min(n_up, n_down) < MIN_PER_CLASS:
+        return JudgeQuality(
+            False,
+            f"too few thumbs to learn a judge from ({n_up} up, {n_down} down in the train split; "
+            f"needs {MIN_PER_CLASS} of each)",
+            n_train=len(train),
+            n_holdout=len(holdout),
+        )
+    with use_adapter(model, BASE):
+        x = np.asarray(
+            answer_features(
+                model,
+                tokenizer,
+                [(ex.prompt, ex.completion) for ex in train],
+                batch_size=batch_size,
+            )
+        )
+    y = np.asarray([int(ex.label) for ex in train])
+    folds = StratifiedKFold(n_splits=min(5, n_up, n_down), shuffle=True, random_state=seed)
+    probe = LogisticRegressionCV(
+        Cs=np.logspace(-4, 1, 11).tolist(),
+        cv=folds,
+        scoring="roc_auc",
+        class_weight="balanced",  # a tenant's users may be mostly happy or mostly not
+        max_iter=5000,
+        l1_ratios=(0.0,),  # plain L2
+        use_legacy_attributes=False,
+    )
+    pipe = make_pipeline(StandardScaler(), probe)
+    pipe.fit(x, y)
+    scaler = pipe[0]
+    coef = probe.coef_[0] / scaler.scale_
+    bias = float(probe.intercept_[0] - (coef * scaler.mean_).sum())
+    judge = ThumbsJudge([float(c) for c in coef], bias, base_model)
+    judge.quality = assess(
+        judge, model, tokenizer, holdout, min_auroc=min_auroc, batch_size=batch_size
+    )
+    judge.quality.n_train = len(train)
+    judge.quality.regularization = float(np.ravel(probe.C_)[0])
+    logger.info("thumbs judge: %s", judge.quality.reason)
+    return judge
+
+
+def assess(
+    judge: ThumbsJudge,
+    model: Any,
+    tokenizer: Any,
+    holdout: Sequence[KTOExample],
+    *,
+    min_auroc: float,
+    batch_size: int = 8,
+) -> JudgeQuality:
+    """Held-out AUROC and Brier score, and whether they let the judge decide."""
+    n_up = sum(ex.label for ex in holdout)
+    n_down = len(holdout) - n_up
+    if min(n_up, n_down) < MIN_PER_CLASS:
+        return JudgeQuality(
+            False,
+            f"too little held-out data to check the judge ({n_up} up, {n_down} down; needs "
+            f"{MIN_PER_CLASS} of each)",
+            n_holdout=len(holdout),
+        )
+    probs = judge.probabilities(
+        model, tokenizer, [(ex.prompt, ex.completion) for ex in holdout], batch_size=batch_size
+    )
+    ups = [p for p, ex in zip(probs, holdout, strict=True) if ex.label]
+    downs = [p for p, ex in zip(probs, holdout, strict=True) if not ex.label]
+    area = auroc(ups, downs)
+    brier = sum((p - float(ex.label)) ** 2 for p, ex in zip(probs, holdout, strict=True)) / len(
+        probs
+    )
+    trusted = area.value >= min_auroc and area.low > 0.5
+    if trusted:
+        reason = f"judge AUROC {area} on held-out thumbs ≥ {min_auroc:.2f}: it may decide"
+    elif area.value < min_auroc:
+        reason = (
+            f"judge AUROC {area} on held-out thumbs < {min_auroc:.2f}: it cannot tell liked from "
+            "disliked answers well enough to decide"
+        )
+    else:
+        reason = (
+            f"judge AUROC {area} on held-out thumbs: its interval includes chance (0.5), "
+            "too little held-out data to trust it"
+        )
+    return JudgeQuality(trusted, reason, area, round(brier, 4), n_holdout=len(holdout))

@@ -66,10 +66,10 @@ async def require_platform(
     return principal
 
 
-async def require_admin(
+async def require_admin_key(
     principal: Annotated[Principal, Security(get_principal, scopes=["admin"])],
-) -> str:
-    """The tenant id of a tenant admin key."""
+) -> Principal:
+    """A tenant admin key (routes that record who acted take it beside ``AdminTenantDep``)."""
     if principal.role is KeyRole.platform:
         raise PermissionDenied(
             "platform keys act on a tenant only through /v1/tenants/{tenant_id}/...; "
@@ -77,6 +77,11 @@ async def require_admin(
         )
     if principal.role is not KeyRole.admin:
         raise PermissionDenied("this route needs a tenant admin key")
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(require_admin_key)]) -> str:
+    """The tenant id of a tenant admin key."""
     assert principal.tenant_id is not None
     return principal.tenant_id
 
@@ -93,6 +98,7 @@ async def require_product(
 
 PlatformDep = Annotated[Principal, Depends(require_platform)]
 AdminTenantDep = Annotated[str, Depends(require_admin)]
+AdminKeyDep = Annotated[Principal, Depends(require_admin_key)]
 ProductTenantDep = Annotated[str, Depends(require_product)]
 
 

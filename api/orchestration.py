@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,12 +30,23 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.billing import BillingConfig, check_training_allowed
-from core.errors import BillingSuspended, BudgetExceeded, NotFound, Unavailable
+from core.errors import (
+    BillingSuspended,
+    BudgetExceeded,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from core.models import Feedback, RunStatus, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
 from workflows.contracts import (
+    APPROVAL,
+    APPROVE_SIGNAL,
     CPU_QUEUE,
     PERSONALIZE_WORKFLOW,
+    REJECT_SIGNAL,
+    Decision,
     PersonalizeInput,
     RunOptions,
     personalize_workflow_id,
@@ -45,6 +57,14 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (RunStatus.queued, RunStatus.running)
 AUTO_CHECK_EVERY_S = 5.0
+MAX_DECISION_REASON = 1000
+"""Characters of an admin's reason for approving or rejecting a candidate."""
+
+
+def awaiting_approval(run: TrainingRun) -> bool:
+    """The run's accepted candidate waits for an admin's approve or reject (and nobody has
+    answered yet)."""
+    return run.status in ACTIVE and (run.progress or {}).get("waiting_for") == APPROVAL
 
 
 class Orchestrator:
@@ -76,19 +96,14 @@ class Orchestrator:
         return self._client
 
     def options(self, policy: TrainingPolicy, method: str | None = None) -> RunOptions:
+        """The run's options: every policy setting the workflow knows, copied by field name."""
+        shared = {
+            f.name: getattr(policy, f.name)
+            for f in fields(RunOptions)
+            if f.name in TrainingPolicy.model_fields
+        }
         return RunOptions(
-            base_model=self.base_model,
-            method=method or policy.method,
-            min_feedback=policy.min_feedback,
-            max_steps=policy.max_steps,
-            epochs=policy.epochs,
-            rank=policy.rank,
-            min_pref_improvement=policy.min_pref_improvement,
-            min_win_rate=policy.min_win_rate,
-            max_regression_kl=policy.max_regression_kl,
-            max_ppl_increase=policy.max_ppl_increase,
-            require_approval=policy.require_approval,
-            approval_timeout_s=policy.approval_timeout_hours * 3600,
+            **{**shared, "base_model": self.base_model, "method": method or policy.method}
         )
 
     async def start_run(
@@ -234,3 +249,60 @@ class Orchestrator:
         except RPCError as exc:  # already finished: nothing to cancel
             if "not found" not in exc.message.lower() and "completed" not in exc.message.lower():
                 raise
+
+    async def decide(
+        self,
+        session: AsyncSession,
+        *,
+        run: TrainingRun,
+        approve: bool,
+        by: str,
+        reason: str | None = None,
+    ) -> None:
+        """Answer a run waiting for approval (approve: promote its candidate; reject: keep the
+        candidate ``rejected`` with ``reason``). ``by`` says who, for the run's log.
+
+        The workflow records the answer through its own activities; the run is marked answered
+        here at once too, so a second answer (from any API process) is refused with 409.
+        """
+        reason = (reason or "").strip() or None
+        if reason is not None and len(reason) > MAX_DECISION_REASON:
+            raise InvalidInput(
+                f"the reason is {len(reason)} characters long; at most {MAX_DECISION_REASON}",
+                code="reason_too_long",
+            )
+        # Row-locked on PostgreSQL until the commit below, so two answers cannot both pass
+        # (on SQLite they might: the workflow still counts only the first).
+        await session.refresh(run, with_for_update=True)
+        if not awaiting_approval(run):
+            progress = run.progress or {}
+            state = (
+                f"it was already {progress['decision']} by {progress.get('decided_by')}"
+                if progress.get("decision") and run.status in ACTIVE
+                else f"it is {run.status.value}"
+            )
+            raise Conflict(
+                f"run {run.id} is not waiting for approval ({state}); only a run whose "
+                "candidate passed the gate under a policy with require_approval waits for one",
+                code="not_awaiting_approval",
+                details={"status": run.status.value, "decision": progress.get("decision")},
+            )
+        handle = await self.handle(run)
+        try:
+            await handle.signal(
+                APPROVE_SIGNAL if approve else REJECT_SIGNAL, Decision(by=by, reason=reason)
+            )
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:  # the workflow ended meanwhile
+                raise Conflict(
+                    f"run {run.id} is no longer waiting for approval: its workflow has ended",
+                    code="not_awaiting_approval",
+                ) from exc
+            raise Unavailable(f"Temporal refused the answer: {exc.message}") from exc
+        progress = {k: v for k, v in (run.progress or {}).items() if not k.startswith("waiting_")}
+        run.progress = {
+            **progress,
+            "decision": "approved" if approve else "rejected",
+            "decided_by": by,
+        }
+        await session.commit()

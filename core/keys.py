@@ -110,6 +110,12 @@ async def list_keys(session: AsyncSession, *, tenant_id: str) -> list[ApiKey]:
     return list(rows)
 
 
+async def key_label(session: AsyncSession, *, key_id: str) -> str:
+    """How a key signs what it did in logs people read: ``name (key id)``, or the id alone."""
+    name = await session.scalar(select(ApiKey.name).where(ApiKey.id == key_id))
+    return f"{name} ({key_id})" if name else key_id
+
+
 async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> ApiKey:
     """Revoke one of the tenant's keys. Refuses to revoke its last active admin key."""
     key = await session.scalar(

@@ -8,36 +8,69 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TrainingPolicy(BaseModel):
-    """How and when a tenant's adapter is retrained and promoted."""
+    """How and when a tenant's adapter is retrained and promoted.
 
-    model_config = ConfigDict(extra="forbid")
+    Each attribute's docstring is its help text: in the OpenAPI schema and on the dashboard's
+    settings form (``use_attribute_docstrings``). Training and gate settings reach the workflow
+    by field name (``RunOptions``, then ``TrainSpec`` and ``GatePolicy``), so a new setting is
+    declared here and in those dataclasses with the same name, nowhere else.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     method: Literal["auto", "dpo", "kto", "grpo"] = "auto"
-    """``auto``: DPO when there are enough preference pairs, else KTO."""
+    """Training method. auto: DPO when there are enough preference pairs (two answers to one
+    question, one liked), else KTO, which learns from single thumbs."""
     min_feedback: int = Field(default=8, ge=2, le=1_000_000)
-    """A run with fewer usable feedback items ends ``skipped``."""
+    """A run with fewer usable feedback items ends skipped."""
     auto_train_after: int | None = Field(default=None, ge=1, le=1_000_000)
-    """Start a run once this many feedback items arrived since the last run (None: never)."""
+    """Start a run once this many feedback items arrived since the last run (empty: never)."""
     schedule: str | None = Field(default=None, max_length=100)
-    """A cron expression (5 fields, UTC) for scheduled runs, e.g. ``0 3 * * *``."""
+    """A cron expression (5 fields, UTC) for scheduled runs, e.g. 0 3 * * * for 03:00 daily."""
     max_steps: int | None = Field(default=None, ge=1, le=100_000)
+    """Optimizer steps per run (empty: the number of epochs decides)."""
     epochs: float = Field(default=2.0, gt=0, le=20)
+    """Passes over the training feedback when max steps is empty."""
     rank: int = Field(default=16, ge=1, le=64)
-    min_pref_improvement: float | None = Field(default=0.05, ge=-1, le=1)
-    min_win_rate: float | None = Field(default=None, ge=0, le=1)
+    """LoRA rank: the adapter's capacity. Higher learns more and costs more memory."""
+    learning_rate: float = Field(default=2e-4, gt=0, le=1e-2)
+    """Step size of training. LoRA usually wants 1e-4 to 5e-4; too high and the adapter forgets
+    how to answer (the capability guard then refuses it)."""
+    min_pref_improvement: float | None = Field(default=0.0, ge=-1, le=1)
+    """Promote only if, on held-out feedback, the new adapter's score for telling liked from
+    disliked answers beats the live version's, by at least this, even at the low end of its
+    95 % interval (empty: skip this check)."""
+    min_win_rate: float | None = Field(default=0.5, ge=0, le=1)
+    """Promote only if the tenant's thumbs judge prefers the new adapter's fresh answers to the
+    live version's at least this often, at the low end of the 95 % interval (0.5: better than a
+    tie, with confidence; empty: skip this check)."""
+    min_judge_auroc: float = Field(default=0.65, ge=0.5, le=1)
+    """The thumbs judge (a model of what this tenant's users like, learned from their thumbs)
+    may decide only if it tells held-out liked from disliked answers at least this well (AUROC:
+    0.5 is chance, 1 is perfect)."""
+    max_capability_drop: float | None = Field(default=0.05, ge=0, le=1)
+    """Reject an adapter that answers worse: on a fixed suite of instructions checked by code
+    (word limits, lists, JSON, arithmetic, facts), its pass rate may fall below the base model's
+    by at most this (0.05 = 5 points; empty: skip)."""
     max_regression_kl: float | None = Field(default=0.5, ge=0)
+    """How far the adapter may drift from the base model on a shared set of answers, as mean
+    per-token KL divergence in nats (empty: skip)."""
     max_ppl_increase: float | None = Field(default=0.25, ge=0)
+    """How much worse the adapter may predict reference answers than the base model, as a
+    relative perplexity increase (0.25 = 25 %; empty: skip)."""
     require_approval: bool = False
-    """Promotion waits for an admin's approval (then times out, not promoted)."""
+    """Promotion waits for an admin's approve or reject (run page, API or CLI), then times out,
+    not promoted."""
     approval_timeout_hours: float = Field(default=24, gt=0, le=24 * 30)
+    """How long a run waits for approval before it ends not promoted."""
     fallback_to_base: bool = False
     """When the adapter cannot be served in time, answer from the base model (marked so)."""
     monthly_budget_usd: float | None = Field(default=None, ge=0, le=1_000_000_000)
     """The tenant's own spending cap per calendar month (UTC) in USD, over inference and
-    training (None: no cap). A run whose estimated cost would pass it is refused."""
+    training (empty: no cap). A run whose estimated cost would pass it is refused."""
     inference_over_budget: Literal["allow", "block"] = "allow"
-    """Once the month's spending reached ``monthly_budget_usd``: keep answering (``allow``) or
-    refuse inference with 402 ``budget_exceeded`` (``block``)."""
+    """Once the month's spending reached the budget: keep answering (allow) or refuse inference
+    with 402 budget_exceeded (block)."""
 
     @field_validator("schedule")
     @classmethod

@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from core.errors import BillingSuspended, BudgetExceeded
 from core.ids import new_id
 from core.models import (
     AdapterStatus,
+    AdapterVersion,
     Dataset,
     Feedback,
     Interaction,
@@ -42,6 +44,7 @@ from workflows.contracts import (
     PromoteInput,
     RegisterInput,
     RegisterOutput,
+    RejectInput,
     RunUpdate,
     StartRunInput,
     TrainInput,
@@ -158,6 +161,9 @@ class PersonalizationActivities:
                 run.dataset_id = upd.dataset_id
             if upd.version_id is not None:
                 run.adapter_version_id = upd.version_id
+            if upd.progress is not None:
+                merged = {**(run.progress or {}), **upd.progress}
+                run.progress = {k: v for k, v in merged.items() if v is not None}
             if upd.message:
                 session.add(_event(run, upd.level, "message", upd.message, upd.data))
             await session.commit()
@@ -221,19 +227,15 @@ class PersonalizationActivities:
         """Train with heartbeats ``{step, checkpoint}``; a retried attempt resumes from the last
         checkpoint. Runs in the worker's thread pool (torch releases the GIL)."""
         o = inp.options
+        # Every training setting reaches the spec by field name (RunOptions mirrors TrainSpec).
+        shared = {
+            f.name: getattr(o, f.name) for f in fields(trainer.TrainSpec) if hasattr(o, f.name)
+        }
         spec = trainer.TrainSpec(
-            base_model=o.base_model,
+            **shared,
             data=Path(inp.dataset_dir),
             output_dir=self.run_dir(inp.tenant_id, inp.run_id) / "train",
             data_dir=self.data_dir,
-            method=o.method,  # type: ignore[arg-type]  # validated by the policy model
-            rank=o.rank,
-            learning_rate=o.learning_rate,
-            max_steps=o.max_steps,
-            epochs=o.epochs,
-            batch_size=o.batch_size,
-            checkpoint_every=o.checkpoint_every,
-            seed=o.seed,
             resume=True,
         )
         last_report = 0.0
@@ -285,7 +287,8 @@ class PersonalizationActivities:
 
     @activity.defn
     def evaluate_adapter(self, inp: EvaluateInput) -> EvaluateOutput:
-        activity.heartbeat("evaluating")
+        """Judge, win rate, tenant metric, capability guard and drift; heartbeats per phase."""
+        activity.heartbeat("loading")
         try:
             report = trainer.evaluate(
                 base_model=inp.options.base_model,
@@ -293,8 +296,12 @@ class PersonalizationActivities:
                 data=Path(inp.dataset_dir),
                 data_dir=self.data_dir,
                 current=Path(inp.current_adapter_dir) if inp.current_adapter_dir else None,
+                min_judge_auroc=inp.options.min_judge_auroc,
+                judge_out=self.run_dir(inp.tenant_id, inp.run_id) / "judge",
                 max_new_tokens=inp.options.eval_max_new_tokens,
                 current_label=inp.current_version_id or "base",
+                seed=inp.options.seed,
+                progress=activity.heartbeat,
             )
         except trainer.CorruptAdapter as exc:
             raise _business_error(exc, BAD_TRAINING_INPUT) from exc
@@ -332,6 +339,19 @@ class PersonalizationActivities:
         async with self.sessionmaker() as session:
             await registry.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
 
+    @activity.defn
+    async def reject_version(self, inp: RejectInput) -> None:
+        """An admin turned the candidate down: it is kept, ``rejected``, with their reason (a
+        version promoted by hand meanwhile stays as it is)."""
+        async with self.sessionmaker() as session:
+            version = await session.get(AdapterVersion, inp.version_id)
+            if version is None or version.tenant_id != inp.tenant_id:
+                raise ApplicationError(f"no version {inp.version_id}", non_retryable=True)
+            if version.status is AdapterStatus.candidate:
+                version.status = AdapterStatus.rejected
+                version.reason = inp.reason
+                await session.commit()
+
     # --- 6. meter -----------------------------------------------------------------------------
 
     @activity.defn
@@ -361,6 +381,7 @@ class PersonalizationActivities:
             self.evaluate_adapter,
             self.register_adapter,
             self.promote_adapter,
+            self.reject_version,
             self.record_training_usage,
             self.cleanup_run,
         ]

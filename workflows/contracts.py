@@ -14,7 +14,14 @@ GPU_QUEUE = "gpu"
 
 PERSONALIZE_WORKFLOW = "PersonalizeTenant"
 APPROVE_SIGNAL = "approve"
+"""An admin lets a run waiting for approval promote its candidate (payload: ``Decision``)."""
+REJECT_SIGNAL = "reject"
+"""An admin turns the candidate down: it is kept ``rejected`` with the reason (``Decision``)."""
 STATE_QUERY = "state"
+APPROVAL = "approval"
+"""``progress["waiting_for"]`` of a run whose accepted candidate waits for an admin's approve or
+reject signal; ``progress["waiting_until"]`` is the deadline (ISO 8601), after which the run ends
+not promoted."""
 
 
 def personalize_workflow_id(tenant_id: str) -> str:
@@ -28,7 +35,12 @@ def schedule_id(tenant_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a run trains and decides; built from the tenant's policy when the run starts."""
+    """How a run trains and decides; built from the tenant's policy when the run starts.
+
+    Settings that come from ``TrainingPolicy`` carry its field names (the API copies them by
+    name), and the activities hand them on by name to ``TrainSpec`` and ``GatePolicy``;
+    ``tests/workflows/test_policy_fields.py`` checks that the three agree.
+    """
 
     base_model: str = "smollm2-135m-instruct"
     method: str = "auto"
@@ -39,15 +51,17 @@ class RunOptions:
     learning_rate: float = 2e-4
     batch_size: int = 4
     checkpoint_every: int = 5
-    min_pref_improvement: float | None = 0.05
-    min_win_rate: float | None = None
+    min_pref_improvement: float | None = 0.0
+    min_win_rate: float | None = 0.5
+    min_judge_auroc: float = 0.65
+    max_capability_drop: float | None = 0.05
     max_regression_kl: float | None = 0.5
     max_ppl_increase: float | None = 0.25
     require_approval: bool = False
-    approval_timeout_s: float = 24 * 3600
+    approval_timeout_hours: float = 24.0
     heartbeat_timeout_s: float = 120.0
     """A training step may take this long before a silent worker counts as lost."""
-    eval_max_new_tokens: int = 48
+    eval_max_new_tokens: int = 96
     seed: int = 0
 
 
@@ -80,6 +94,19 @@ class RunState:
     reason: str | None = None
     version_id: str | None = None
     approved_by: str | None = None
+    rejected_by: str | None = None
+    rejection_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An admin's answer to a run waiting for approval: the payload of both signals."""
+
+    by: str
+    """Who decided, for the run's log and reason: the admin key's name and id, or the CLI's
+    operator."""
+    reason: str | None = None
+    """Why (a rejection's reason ends up on the rejected version)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +131,8 @@ class RunUpdate:
     dataset_id: str | None = None
     version_id: str | None = None
     data: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None
+    """Keys merged into the run's ``progress``; a key whose value is None is removed."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,16 @@ class PromoteInput:
     tenant_id: str
     run_id: str
     version_id: str
+
+
+@dataclass(frozen=True)
+class RejectInput:
+    """An admin rejected the run's candidate: keep it as ``rejected`` with ``reason``."""
+
+    tenant_id: str
+    run_id: str
+    version_id: str
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ a reason; infrastructure failures are retried by Temporal, and only exhausted re
 from __future__ import annotations
 
 import asyncio
+from dataclasses import fields, replace
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from trainer.evaluation import EvalReport, GatePolicy, gate
+    from trainer.evaluation import EvalReport
+    from trainer.gate import GatePolicy, gate
     from workflows.activities import (
         BAD_TRAINING_INPUT,
         BILLING_REFUSED,
@@ -26,17 +28,22 @@ with workflow.unsafe.imports_passed_through():
         PersonalizationActivities,
     )
     from workflows.contracts import (
+        APPROVAL,
         APPROVE_SIGNAL,
         CPU_QUEUE,
         GPU_QUEUE,
         PERSONALIZE_WORKFLOW,
+        REJECT_SIGNAL,
         STATE_QUERY,
         CompileInput,
+        Decision,
         EvaluateInput,
         PersonalizeInput,
         PersonalizeResult,
         PromoteInput,
         RegisterInput,
+        RejectInput,
+        RunOptions,
         RunState,
         RunUpdate,
         StartRunInput,
@@ -45,8 +52,12 @@ with workflow.unsafe.imports_passed_through():
     )
 
 A = PersonalizationActivities
+JUDGMENT_GATE = "judgment-gate"
+"""Patch id: runs from this version on are gated by the judge, capability and intervals."""
 QUICK = timedelta(minutes=2)
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+# What a run's ``progress`` says while it waits for an admin; every end of a run clears it.
+NOT_WAITING: dict[str, Any] = {"waiting_for": None, "waiting_until": None}
 
 
 @workflow.defn(name=PERSONALIZE_WORKFLOW)
@@ -59,9 +70,27 @@ class PersonalizeTenant:
         return self._state
 
     @workflow.signal(name=APPROVE_SIGNAL)
-    def approve(self, who: str) -> None:
-        if self._state is not None:
-            self._state.approved_by = who or "admin"
+    def approve(self, decision: Decision) -> None:
+        self._answer(decision, approved=True)
+
+    @workflow.signal(name=REJECT_SIGNAL)
+    def reject(self, decision: Decision) -> None:
+        self._answer(decision, approved=False)
+
+    def _answer(self, decision: Decision, *, approved: bool) -> None:
+        """The first answer to a waiting run counts; an early, late or second one is ignored."""
+        s = self._state
+        if s is None or s.stage != "awaiting_approval" or s.approved_by or s.rejected_by:
+            workflow.logger.warning(
+                "ignored %s by %s: the run is not waiting for approval",
+                "approval" if approved else "rejection",
+                decision.by,
+            )
+            return
+        if approved:
+            s.approved_by = decision.by or "admin"
+        else:
+            s.rejected_by, s.rejection_reason = decision.by or "admin", decision.reason
 
     @workflow.run
     async def run(self, inp: PersonalizeInput) -> PersonalizeResult:
@@ -174,12 +203,11 @@ class PersonalizeTenant:
             heartbeat_timeout=timedelta(seconds=max(o.heartbeat_timeout_s, 600)),
             retry_policy=RETRY,
         )
-        policy = GatePolicy(
-            min_pref_improvement=o.min_pref_improvement,
-            min_win_rate=o.min_win_rate,
-            max_regression_kl=o.max_regression_kl,
-            max_ppl_increase=o.max_ppl_increase,
-        )
+        policy = GatePolicy(**{f.name: getattr(o, f.name) for f in fields(GatePolicy)})
+        if not workflow.patched(JUDGMENT_GATE):
+            # A run started before the judgment gate decides on the checks it had then: its
+            # options carry no capability bound (the dataclass default would add one).
+            policy = replace(policy, max_capability_drop=None)
         decision = gate(EvalReport.from_dict(evaluated.report), policy)
 
         self._state.stage = "registering"
@@ -210,29 +238,14 @@ class PersonalizeTenant:
                 version_id=registered.version_id,
             )
 
+        approved = ""
         if o.require_approval:
-            self._state.stage = "awaiting_approval"
-            await self._update(
-                RunUpdate(
-                    tenant,
-                    run_id,
-                    version_id=registered.version_id,
-                    message="waiting for an admin to approve promotion",
-                )
-            )
-            try:
-                await workflow.wait_condition(
-                    lambda: self._state is not None and self._state.approved_by is not None,
-                    timeout=timedelta(seconds=o.approval_timeout_s),
-                )
-            except TimeoutError:
+            refused = await self._await_approval(tenant, run_id, registered.version_id, o)
+            if refused is not None:
                 return await self._finish(
-                    inp,
-                    run_id,
-                    "succeeded",
-                    "not promoted: approval timed out",
-                    version_id=registered.version_id,
+                    inp, run_id, "succeeded", refused, version_id=registered.version_id
                 )
+            approved = f" (approved by {self._state.approved_by})"
 
         self._state.stage = "promoting"
         await self._activity(A.promote_adapter, PromoteInput(tenant, run_id, registered.version_id))
@@ -240,10 +253,72 @@ class PersonalizeTenant:
             inp,
             run_id,
             "succeeded",
-            f"promoted: {decision.reason}",
+            f"promoted{approved}: {decision.reason}",
             version_id=registered.version_id,
             promoted=True,
         )
+
+    async def _await_approval(
+        self, tenant: str, run_id: str, version_id: str, o: RunOptions
+    ) -> str | None:
+        """Wait for an admin's approve or reject signal. None: approved; else why the candidate
+        is not promoted (rejected, with the version marked so, or no answer in time)."""
+        state = self._state
+        assert state is not None
+        state.stage = "awaiting_approval"
+        timeout = timedelta(hours=o.approval_timeout_hours)
+        until = workflow.now() + timeout
+        waiting = {"waiting_for": APPROVAL, "waiting_until": until.isoformat()}
+        await self._update(
+            RunUpdate(
+                tenant,
+                run_id,
+                version_id=version_id,
+                message=(
+                    f"waiting until {until:%Y-%m-%d %H:%M} UTC for an admin to approve or reject "
+                    f"promotion of version {version_id}: POST /v1/runs/{run_id}/approve or "
+                    f"POST /v1/runs/{run_id}/reject, the run's dashboard page, or "
+                    f"`tuneloop runs approve|reject {run_id}`; without an answer it is not promoted"
+                ),
+                data={**waiting, "version_id": version_id},
+                progress=waiting,
+            )
+        )
+        try:
+            await workflow.wait_condition(
+                lambda: state.approved_by is not None or state.rejected_by is not None,
+                timeout=timeout,
+            )
+        except TimeoutError:
+            return "not promoted: approval timed out"
+        if state.rejected_by is None:
+            await self._update(
+                RunUpdate(
+                    tenant,
+                    run_id,
+                    message=f"promotion approved by {state.approved_by}",
+                    progress={
+                        **NOT_WAITING,
+                        "decision": "approved",
+                        "decided_by": state.approved_by,
+                    },
+                )
+            )
+            return None
+        why = f"rejected by {state.rejected_by}"
+        if state.rejection_reason:
+            why += f": {state.rejection_reason}"
+        state.stage = "rejecting"
+        await self._update(
+            RunUpdate(
+                tenant,
+                run_id,
+                message=f"promotion {why}",
+                progress={**NOT_WAITING, "decision": "rejected", "decided_by": state.rejected_by},
+            )
+        )
+        await self._activity(A.reject_version, RejectInput(tenant, run_id, version_id, why))
+        return f"not promoted: {why}"
 
     async def _activity(self, fn: Any, *args: Any) -> Any:
         return await workflow.execute_activity_method(
@@ -279,6 +354,7 @@ class PersonalizeTenant:
                 version_id=version_id,
                 level=level,
                 message=f"run {status}: {reason}",
+                progress=NOT_WAITING,
             )
         )
         return PersonalizeResult(run_id, status, reason, version_id, promoted)

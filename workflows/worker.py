@@ -79,6 +79,7 @@ def build_workers(
                     a.current_adapter,
                     a.register_adapter,
                     a.promote_adapter,
+                    a.reject_version,
                     a.record_training_usage,
                     a.cleanup_run,
                 ],

@@ -13,6 +13,7 @@ import logging
 import math
 import posixpath
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import quote, urlsplit
@@ -39,7 +40,7 @@ from api.dashboard.session import (
     switch_tenant,
 )
 from api.deps import SessionDep
-from api.orchestration import ACTIVE
+from api.orchestration import ACTIVE, MAX_DECISION_REASON, awaiting_approval
 from api.routers import runs
 from api.routers.billing import billing_config
 from core import billing, keys, tenants
@@ -67,6 +68,8 @@ NOTICES = {
     "run_started": "Run started.",
     "run_running": "A run is already in flight for this tenant; here it is.",
     "cancel_requested": "Cancellation requested; training stops at the next step.",
+    "approved": "Approved: the run promotes its candidate now.",
+    "rejected": "Rejected: the candidate is kept as a rejected version with your reason.",
     "promoted": "Promoted: this version now answers the tenant's `default` model.",
     "rolled_back": "Rolled back to the previous version.",
     "policy_saved": "Training policy saved.",
@@ -413,15 +416,36 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
     progress = run.progress or {}
     total = progress.get("total_steps") or 0
     percent = min(100, round(100 * progress.get("step", 0) / total)) if total else None
+    approval = await _approval(db, tenant_id, run)
     return {
         "run": run,
         "active": run.status in ACTIVE,
+        # Nothing moves while a run waits for an answer: the page stops refreshing itself, so
+        # the approval forms stay as the admin fills them in.
+        "polling": run.status in ACTIVE and approval is None,
+        "approval": approval,
         "percent": percent,
         "progress": progress,
         "loss_chart": charts.line_chart("Training loss", [loss], x_label="steps"),
         "reward_chart": charts.line_chart("Rewards", rewards, x_label="steps") if rewards else None,
         # Metrics are in the charts; the log keeps what a person reads.
         "events": [e for e in events if e.type != "metrics"],
+    }
+
+
+async def _approval(db: AsyncSession, tenant_id: str, run: TrainingRun) -> dict[str, Any] | None:
+    """The candidate a run waits on an admin for, with its deadline and eval report rows."""
+    if not awaiting_approval(run) or run.adapter_version_id is None:
+        return None
+    version = await db.get(AdapterVersion, run.adapter_version_id)
+    if version is None or version.tenant_id != tenant_id:
+        return None
+    until = (run.progress or {}).get("waiting_until")
+    return {
+        "version": version,
+        "until": datetime.fromisoformat(until) if isinstance(until, str) else None,
+        "rows": REPORT_ROWS,
+        "max_reason": MAX_DECISION_REASON,
     }
 
 
@@ -457,19 +481,47 @@ async def run_cancel(
     return back_to(f"/dashboard/runs/{run.id}", "cancel_requested")
 
 
+@router.post("/runs/{run_id}/approve")
+async def run_approve(
+    run_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
+) -> Response:
+    run = await runs.find_run(db, tenant_id, run_id)
+    by = await keys.key_label(db, key_id=s.key_id)
+    await runs.orchestrator(request).decide(db, run=run, approve=True, by=by)
+    return back_to(f"/dashboard/runs/{run.id}", "approved")
+
+
+@router.post("/runs/{run_id}/reject")
+async def run_reject(
+    run_id: str,
+    request: Request,
+    db: SessionDep,
+    s: CheckedUser,
+    tenant_id: TenantId,
+    reason: Annotated[str, Form(max_length=MAX_DECISION_REASON)] = "",
+) -> Response:
+    run = await runs.find_run(db, tenant_id, run_id)
+    by = await keys.key_label(db, key_id=s.key_id)
+    await runs.orchestrator(request).decide(db, run=run, approve=False, by=by, reason=reason)
+    return back_to(f"/dashboard/runs/{run.id}", "rejected")
+
+
 # --- adapters ----------------------------------------------------------------------------------
 
 # The eval-report rows shown side by side, in this order.
 REPORT_ROWS = (
-    ("pref_accuracy_candidate", "Preference accuracy"),
+    ("judge_auroc", "Thumbs judge: held-out AUROC"),
+    ("win_rate", "Win rate vs the version it replaced (judge)"),
+    ("thumbs_auroc_candidate", "Held-out thumbs AUROC (implicit reward)"),
+    ("thumbs_auroc_current", "… of the version it replaced"),
+    ("pref_accuracy_candidate", "Held-out pair accuracy"),
     ("pref_accuracy_current", "… of the version it replaced"),
-    ("pref_improvement", "Improvement"),
-    ("win_rate", "Win rate vs current"),
+    ("capability", "Capability suite pass rate, base → candidate"),
     ("regression_kl", "Regression KL (nats)"),
     ("regression_ppl_increase", "Perplexity change"),
-    ("n_holdout_pairs", "Held-out pairs"),
     ("current", "Compared with"),
 )
+"""Each metric with an interval shows it as ``value [low–high] (n)`` from the report's ``ci``."""
 
 
 @router.get("/adapters")

@@ -1,4 +1,5 @@
-"""Personalization runs (start, follow, cancel) and the training policy, for tenant admins."""
+"""Personalization runs (start, follow, cancel, approve or reject) and the training policy, for
+tenant admins."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import AdminTenantDep, SessionDep
-from api.orchestration import ACTIVE, Orchestrator
+from api.deps import AdminKeyDep, AdminTenantDep, SessionDep
+from api.orchestration import ACTIVE, MAX_DECISION_REASON, Orchestrator, awaiting_approval
 from api.schemas import ListOf, RequestModel
 from core.billing import InferenceGate
 from core.errors import NotFound
+from core.keys import key_label
 from core.models import RunEvent, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
 
@@ -35,6 +37,14 @@ class RunOut(BaseModel):
     trigger: str
     reason: str | None
     progress: dict[str, Any]
+    waiting_for: str | None = Field(
+        default=None,
+        description="`approval`: the run's candidate (`adapter_version_id`) passed the gate and "
+        "waits for an admin: POST /v1/runs/{id}/approve or /v1/runs/{id}/reject",
+    )
+    waiting_until: datetime | None = Field(
+        default=None, description="when an unanswered wait ends the run, not promoted"
+    )
     dataset_id: str | None
     adapter_version_id: str | None
     created_at: datetime
@@ -43,19 +53,31 @@ class RunOut(BaseModel):
 
     @classmethod
     def of(cls, r: TrainingRun) -> RunOut:
+        progress = r.progress or {}
+        waiting = awaiting_approval(r)
         return cls(
             id=r.id,
             status=r.status.value,
             method=r.method,
             trigger=r.trigger,
             reason=r.reason,
-            progress=r.progress or {},
+            progress=progress,
+            waiting_for=progress["waiting_for"] if waiting else None,
+            waiting_until=progress.get("waiting_until") if waiting else None,
             dataset_id=r.dataset_id,
             adapter_version_id=r.adapter_version_id,
             created_at=r.created_at,
             started_at=r.started_at,
             finished_at=r.finished_at,
         )
+
+
+class RunRejection(RequestModel):
+    reason: str | None = Field(
+        default=None,
+        max_length=MAX_DECISION_REASON,
+        description="why the candidate is turned down; kept with the rejected version",
+    )
 
 
 class EventOut(BaseModel):
@@ -179,6 +201,49 @@ async def cancel_run(
     run = await find_run(session, tenant_id, run_id)
     if run.status in ACTIVE:
         await orchestrator(request).cancel(run)
+    return RunOut.of(run)
+
+
+_NOT_WAITING: dict[int | str, dict[str, Any]] = {
+    409: {
+        "description": "not_awaiting_approval: the run is not waiting for approval (it never "
+        "did, it has ended, or an admin already answered)"
+    }
+}
+
+
+@router.post("/runs/{run_id}/approve", status_code=status.HTTP_202_ACCEPTED, responses=_NOT_WAITING)
+async def approve_run(
+    run_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant_id: AdminTenantDep,
+    admin: AdminKeyDep,
+) -> RunOut:
+    """Let a run waiting for approval promote its candidate; the run then ends ``succeeded``
+    with the candidate serving ``default``. Your key's name is recorded as the approver."""
+    run = await find_run(session, tenant_id, run_id)
+    by = await key_label(session, key_id=admin.key_id)
+    await orchestrator(request).decide(session, run=run, approve=True, by=by)
+    return RunOut.of(run)
+
+
+@router.post("/runs/{run_id}/reject", status_code=status.HTTP_202_ACCEPTED, responses=_NOT_WAITING)
+async def reject_run(
+    run_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant_id: AdminTenantDep,
+    admin: AdminKeyDep,
+    body: RunRejection | None = None,
+) -> RunOut:
+    """Turn down the candidate of a run waiting for approval: the run ends ``succeeded``, not
+    promoted, and the version is kept ``rejected`` with who rejected it and ``reason``."""
+    run = await find_run(session, tenant_id, run_id)
+    by = await key_label(session, key_id=admin.key_id)
+    await orchestrator(request).decide(
+        session, run=run, approve=False, by=by, reason=body.reason if body else None
+    )
     return RunOut.of(run)
 
 

@@ -66,6 +66,8 @@ def options(args: argparse.Namespace) -> RunOptions:
         batch_size=4,
         checkpoint_every=max(1, args.steps // 3),
         min_pref_improvement=None,
+        min_win_rate=None,
+        max_capability_drop=None,
         max_regression_kl=None,
         max_ppl_increase=None,
         eval_max_new_tokens=16,
@@ -111,7 +113,11 @@ def direct(args: argparse.Namespace, data_dir: Path, work: Path) -> float:
     trainer.gate(
         report,
         trainer.GatePolicy(
-            min_pref_improvement=None, max_regression_kl=None, max_ppl_increase=None
+            min_pref_improvement=None,
+            min_win_rate=None,
+            max_capability_drop=None,
+            max_regression_kl=None,
+            max_ppl_increase=None,
         ),
     )
     return time.perf_counter() - started

@@ -90,6 +90,28 @@ async def seed(backend: Backend, tenant: TenantKeys, marker: str) -> dict[str, s
                     "pref_accuracy_current": 0.5,
                     "pref_improvement": 0.25 + i / 10,
                     "regression_kl": 0.01,
+                    "judge_trusted": True,
+                    "capability_base": 0.5,
+                    "capability_candidate": 0.48,
+                    "n_capability": 93,
+                    "ci": {
+                        "pref_accuracy_candidate": {
+                            "value": 0.75 + i / 10,
+                            "low": 0.5,
+                            "high": 0.9,
+                            "n": 12,
+                        },
+                        "win_rate": {"value": 0.7, "low": 0.56, "high": 0.81, "n": 50},
+                    },
+                    "samples": [
+                        {
+                            "prompt": [{"role": "user", "content": f"held-out question {i}?"}],
+                            "current": "the answer before",
+                            "candidate": f"the answer of version {i}",
+                            "current_score": 0.31,
+                            "candidate_score": 0.82,
+                        }
+                    ],
                 },
             )
             db.add(v)
@@ -189,7 +211,9 @@ async def test_every_page_renders_for_an_admin(
     assert 'data-series="loss"' in run and 'data-series="rewards/margins"' in run
     assert f"promoted {marker}" in run
     adapters = (await c.get("/dashboard/adapters")).text
-    assert f"{marker}-v0" in adapters and "75%" in adapters and "+35 pts" in adapters
+    assert f"{marker}-v0" in adapters and '75% <span class="ci">[50%–90%] n=12' in adapters
+    assert "70%" in adapters and "n=50" in adapters and "50% → 48%" in adapters
+    assert "held-out question 0?" in adapters and "the answer of version 1" in adapters
     data = (await c.get("/dashboard/data")).text
     assert f"great {marker}" in data and "email 2" in data and "38 / 40" in data
     down_only = (await c.get("/dashboard/data", params={"rating": "down"})).text

@@ -40,6 +40,8 @@ OPTIONS = RunOptions(
     # heartbeat; the cost is a longer wait after the kill.
     heartbeat_timeout_s=30,
     min_pref_improvement=None,
+    min_win_rate=None,
+    max_capability_drop=None,
     max_regression_kl=None,
     max_ppl_increase=None,
     eval_max_new_tokens=4,

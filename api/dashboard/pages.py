@@ -521,7 +521,7 @@ REPORT_ROWS = (
     ("regression_ppl_increase", "Perplexity change"),
     ("current", "Compared with"),
 )
-"""Each metric with an interval shows it as ``value [low–high] (n)`` from the report's ``ci``."""
+"""Each metric with an interval shows it as ``value [low, high] n=N`` from the report's ``ci``."""
 
 
 @router.get("/adapters")

@@ -211,7 +211,7 @@ async def test_every_page_renders_for_an_admin(
     assert 'data-series="loss"' in run and 'data-series="rewards/margins"' in run
     assert f"promoted {marker}" in run
     adapters = (await c.get("/dashboard/adapters")).text
-    assert f"{marker}-v0" in adapters and '75% <span class="ci">[50%–90%] n=12' in adapters
+    assert f"{marker}-v0" in adapters and '75% <span class="ci">[50%, 90%] n=12' in adapters
     assert "70%" in adapters and "n=50" in adapters and "50% → 48%" in adapters
     assert "held-out question 0?" in adapters and "the answer of version 1" in adapters
     data = (await c.get("/dashboard/data")).text

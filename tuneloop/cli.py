@@ -34,6 +34,11 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 billing_app = typer.Typer(help="Stripe usage billing (STRIPE_API_KEY).", no_args_is_help=True)
 app.add_typer(billing_app, name="billing")
+runs_app = typer.Typer(
+    help="Personalization runs: answer one waiting for approval (TEMPORAL_ADDRESS).",
+    no_args_is_help=True,
+)
+app.add_typer(runs_app, name="runs")
 # The trainer's own commands: `tuneloop train ...` and `tuneloop eval ...` (no database needed).
 app.command("train")(trainer_cli.train)
 app.command("eval")(trainer_cli.eval)
@@ -202,6 +207,56 @@ def billing_setup() -> None:
         _print(_run(make, settings))
     except stripe.StripeError as exc:
         raise _fail(f"Stripe refused: {exc.user_message or exc}") from None
+
+
+def _decide(run_id: str, *, approve: bool, reason: str | None = None) -> None:
+    """Answer a run waiting for approval as the operator; prints the run and the answer."""
+    import getpass
+
+    from api.orchestration import Orchestrator
+    from core.errors import NotFound
+    from core.models import TrainingRun
+
+    settings: Settings = _settings(Settings)
+    try:
+        by = f"operator {getpass.getuser()} (cli)"
+    except (OSError, KeyError):  # no login name in this environment
+        by = "operator (cli)"
+
+    async def make(engine: AsyncEngine) -> dict[str, Any]:
+        orchestrator = Orchestrator(settings.temporal_address, base_model=settings.base_model)
+        async with create_sessionmaker(engine)() as session:
+            run = await session.get(TrainingRun, run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r}")
+            await orchestrator.decide(session, run=run, approve=approve, by=by, reason=reason)
+            return {
+                "id": run.id,
+                "tenant_id": run.tenant_id,
+                "status": run.status.value,
+                "adapter_version_id": run.adapter_version_id,
+                "decision": "approved" if approve else "rejected",
+                "decided_by": by,
+            }
+
+    _print(_run(make, settings))
+
+
+@runs_app.command("approve")
+def runs_approve(
+    run_id: Annotated[str, typer.Argument(help="the run's id (run_...)")],
+) -> None:
+    """Let a run waiting for approval promote its candidate."""
+    _decide(run_id, approve=True)
+
+
+@runs_app.command("reject")
+def runs_reject(
+    run_id: Annotated[str, typer.Argument(help="the run's id (run_...)")],
+    reason: Annotated[str | None, typer.Option(help="why; kept with the rejected version")] = None,
+) -> None:
+    """Turn down the candidate of a run waiting for approval (kept as a rejected version)."""
+    _decide(run_id, approve=False, reason=reason)
 
 
 @app.command("api")

@@ -441,11 +441,12 @@ def run_capability_suite(
     tasks: Sequence[CapabilityTask] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> CapabilityResult:
     """Answer every task greedily with ``adapter`` active (``"base"``: none) and check each.
 
     Greedy decoding makes the run reproducible, so base and candidate differ only by the adapter.
-    ``tasks`` defaults to the shipped suite.
+    ``tasks`` defaults to the shipped suite; ``on_batch(done, total)`` follows the generation.
     """
     started = time.monotonic()
     suite = list(tasks) if tasks is not None else load_capability_suite()
@@ -457,6 +458,7 @@ def run_capability_suite(
         temperature=0.0,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        on_batch=on_batch,
     )
     result = CapabilityResult(n=len(suite), passed=0, pass_rate=0.0)
     for task, (answer,) in zip(suite, answers, strict=True):

@@ -259,6 +259,7 @@ def _win_rate(
     *,
     max_new_tokens: int,
     batch_size: int,
+    beat: Callable[[int, int], None] | None = None,
 ) -> None:
     answers = {
         name: generate_answers(
@@ -268,6 +269,7 @@ def _win_rate(
             adapter=name,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            on_batch=beat,
         )
         for name in (CANDIDATE, current)
     }
@@ -315,6 +317,7 @@ def _capability(
     max_tasks: int | None,
     max_new_tokens: int,
     batch_size: int,
+    beat: Callable[[int, int], None] | None = None,
 ) -> None:
     from trainer.capability import CapabilityResult, load_capability_suite, run_capability_suite
 
@@ -330,6 +333,7 @@ def _capability(
             tasks=tasks,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            on_batch=beat,
         )
 
     # The base model's answers do not depend on the tenant: cache them per base, suite and
@@ -389,7 +393,7 @@ def evaluate(
     capability_max_new_tokens: int = 64,
     regression_set: Sequence[Mapping[str, Any]] | None = None,
     max_regression_prompts: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     device: str | None = None,
     candidate_label: str | None = None,
     current_label: str | None = None,
@@ -402,7 +406,8 @@ def evaluate(
     (everything is measured on it). ``judge`` replaces the learned judge with a given one (a
     configured judge, or a simulated user in benchmarks); it is trusted as given. The learned
     judge is written to ``judge_out`` when set (GRPO can reuse it). ``progress`` is called with
-    the name of each phase as it starts (the activity heartbeats with it).
+    the name of each phase as it starts, and with ``"<phase> done/total"`` after each batch of
+    generation (the activity heartbeats with it: a phase can take minutes on a CPU).
     Adapters are verified first (:class:`CorruptAdapter`).
     """
     started = time.monotonic()
@@ -416,6 +421,12 @@ def evaluate(
         candidate=candidate_label or str(candidate),
         current=current_label or (str(current) if current is not None else BASE),
     )
+
+    def beat(name: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        report_to = progress
+        return lambda done, total: report_to(f"{name} {done}/{total}")
 
     def timed(name: str, fn: Callable[[], None]) -> None:
         t0 = time.monotonic()
@@ -478,6 +489,7 @@ def evaluate(
                 scorer,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                beat=beat("win_rate"),
             ),
         )
 
@@ -493,6 +505,7 @@ def evaluate(
                 max_tasks=max_capability_tasks,
                 max_new_tokens=capability_max_new_tokens,
                 batch_size=batch_size,
+                beat=beat("capability"),
             ),
         )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -262,10 +262,12 @@ def generate_answers(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
     """``num_answers`` answers per prompt (greedy when ``temperature`` is 0).
 
     ``adapter`` names a loaded adapter (``BASE`` for none); ``None`` uses the model as it is.
+    ``on_batch(done, total)`` is called after each batch (long evaluations heartbeat with it).
     """
     import torch
 
@@ -303,6 +305,8 @@ def generate_answers(
                     answers.append(
                         [d.strip() for d in decoded[j * num_answers : (j + 1) * num_answers]]
                     )
+                if on_batch is not None:
+                    on_batch(len(answers), len(texts))
     finally:
         torch.random.set_rng_state(generator_state)
         tokenizer.padding_side = padding_side

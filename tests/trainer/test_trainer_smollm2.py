@@ -1,6 +1,7 @@
-"""SmolLM2-135M-Instruct end to end: GGUF → safetensors conversion, generation, a few DPO steps.
+"""SmolLM2-135M-Instruct end to end: GGUF → safetensors conversion, generation, a few DPO steps,
+and the capability guard refusing a reward-hacking adapter.
 
-Slow (about two minutes on 2 CPU cores); it runs in CI, skip locally with ``-m 'not slow'``.
+Slow (about five minutes on 2 CPU cores); it runs in CI, skip locally with ``-m 'not slow'``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import pytest
 
 from trainer import (
     FeedbackRecord,
+    GatePolicy,
     TrainSpec,
     compile_feedback,
     evaluate,
+    gate,
     generate_answers,
     load_base_model,
     resolve_base_model,
@@ -96,3 +99,48 @@ def test_a_few_dpo_steps_and_evaluation(
     assert report.pref_accuracy_candidate > report.pref_accuracy_current  # type: ignore[operator]
     assert report.regression_kl is not None and report.regression_kl < 1.0
     assert report.n_win_prompts == 8
+
+
+def test_a_reward_hacking_adapter_fails_the_capability_guard(
+    smol_data_dir: Path, tmp_path: Path, records_factory: Callable[..., list[FeedbackRecord]]
+) -> None:
+    # Users who "like" a one-word non-answer: the adapter learns to say it to everything. Its
+    # tenant metric is excellent; the capability guard is what sees it no longer answers.
+    data = compile_feedback(
+        records_factory(
+            32,
+            good="OK.",
+            bad="Open Settings, choose Security, then press Reset and follow the e-mail link.",
+        ),
+        holdout_fraction=0.25,
+    )
+    hacked = train(
+        TrainSpec(
+            base_model=SMOL,
+            data=data,
+            output_dir=tmp_path,
+            data_dir=smol_data_dir,
+            method="dpo",
+            max_steps=12,
+            batch_size=4,
+            max_length=128,
+            rank=8,
+            learning_rate=2e-3,
+        )
+    )
+    report = evaluate(
+        base_model=SMOL,
+        candidate=hacked.adapter_dir,
+        data=data,
+        data_dir=smol_data_dir,
+        judge=PERSONAS["concise"].judge,
+        max_win_prompts=8,
+        max_new_tokens=24,
+        max_capability_tasks=24,
+        max_regression_prompts=4,
+    )
+    decision = gate(report, GatePolicy())
+    assert report.capability_base is not None and report.capability_base >= 0.2
+    assert report.capability_drop is not None and report.capability_drop > 0.1, report.to_dict()
+    assert decision.checks["capability"] is False and not decision.promote
+    assert "capability" in decision.reason

@@ -1,16 +1,16 @@
-"""``tuneloop demo``: the whole loop on the embedded stack, through the public API.
+"""``tuneloop demo``: the whole loop on the embedded stack, through the public API, on traffic
+shaped like a real product's.
 
 Two tenants share the base model (SmolLM2-135M-Instruct by default). Their simulated users like
-different things: ``concise`` likes answers under 40 words, ``detailed`` over 80. For each tenant
-the demo sends real traffic to ``/v1/chat/completions``, posts the users' thumbs to
-``/v1/feedback``, starts a personalization run (Temporal: compile → train → evaluate → gate →
-promote), and finally asks held-out questions again, before vs after, judged by the same users.
-
-SmolLM2 answers in about 60 words whatever the system prompt says, so to give the users real
-choices half the sampled answers are drawn with a hint appended ("Answer in one short sentence."
-for the concise tenant, "Explain in detail, step by step." for the detailed one, as their users
-would ask); those thumbs are recorded against the plain question (inline feedback), the others
-by interaction id.
+different things: ``concise`` likes short answers, ``bullets`` likes answers laid out as a list;
+each tenant has five users with thresholds of their own, and every user also dislikes an answer
+that does not address the question. For each tenant the demo asks distinct questions once each
+through ``/v1/chat/completions``; half the answers get a thumb through ``/v1/feedback`` (one in
+ten flipped: users are not consistent). Then each tenant gets a personalization run with the
+default policy (Temporal: compile → train → judge → evaluate → gate → promote), and held-out
+questions, never asked before, are answered by the base model, by the base model with eight of the
+tenant's liked answers in the prompt ("few-shot", what a tenant could do without us) and by the
+run's adapter, judged by the same users.
 """
 
 from __future__ import annotations
@@ -18,31 +18,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
-from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 from core.db import create_engine, create_sessionmaker
 from core.keys import create_key
 from core.models import KeyRole
 from core.settings import ApiSettings
-from trainer.simulated_users import DEMO_PROMPTS, PERSONAS
+from trainer.simulated_users import PERSONAS, answers_question
 from tuneloop.runtime import ensure_schema
+from tuneloop.simulation import (
+    TenantResult,
+    eval_report,
+    held_out_liked,
+    results_table,
+    run_and_wait,
+    serve_and_rate,
+    split_questions,
+)
 from tuneloop.stack import embedded_stack, free_port
 
-TENANTS = ("concise", "detailed")
-HINTS = {
-    "concise": " Answer in one short sentence.",
-    "detailed": " Explain in detail, step by step.",
-}
-TRAIN_PROMPTS = list(DEMO_PROMPTS[:10])
-HELD_OUT = list(DEMO_PROMPTS[-6:])
-POLICY = {"min_feedback": 16, "max_steps": 8, "rank": 8, "epochs": 1}
-FINISHED = ("succeeded", "failed", "cancelled", "skipped")
-MAX_TOKENS = 160  # room for the "detailed" users' 80+ words
+TENANTS = ("concise", "bullets")
+TRAFFIC = 120
+"""Distinct questions each tenant's users ask (about half get a thumb)."""
+HELD_OUT = 30
+MAX_TOKENS = 96
 
 
 async def _operator_key(settings: ApiSettings) -> str:
@@ -57,111 +60,19 @@ async def _operator_key(settings: ApiSettings) -> str:
     return issued.secret
 
 
-async def _chat(
-    http: httpx.AsyncClient, key: str, question: str, *, n: int, temperature: float
-) -> dict[str, Any]:
-    r = await http.post(
-        "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": "default",
-            "messages": [{"role": "user", "content": question}],
-            "n": n,
-            "temperature": temperature,
-            "max_tokens": 96,
-        },
-    )
-    r.raise_for_status()
-    body: dict[str, Any] = r.json()
-    return body
-
-
-async def _traffic_and_thumbs(
-    http: httpx.AsyncClient, tenant: str, keys: dict[str, str], console: Console
-) -> dict[str, int]:
-    persona = PERSONAS[tenant]
-    asks = [(q, q + hint) for q in TRAIN_PROMPTS for hint in ("", HINTS[tenant])]
-    answers = await asyncio.gather(
-        *(_chat(http, keys["product"], asked, n=2, temperature=0.8) for _, asked in asks)
-    )
-    items: list[dict[str, Any]] = []
-    for (question, asked), answer in zip(asks, answers, strict=True):
-        for choice in answer["choices"]:
-            rating = persona.rate(choice["message"]["content"])
-            if asked == question:  # rate the served answer by its interaction id
-                items.append({"interaction_id": choice["interaction_id"], "rating": rating})
-            else:
-                items.append(
-                    {
-                        "prompt": question,
-                        "completion": choice["message"]["content"],
-                        "rating": rating,
-                        "metadata": {"sampled_with_hint": True},
-                    }
-                )
-            items[-1]["user_id"] = f"{tenant}-user-{len(items) % 7}"
-    r = await http.post(
-        "/v1/feedback",
-        headers={"Authorization": f"Bearer {keys['product']}"},
-        json={"items": items},
-    )
-    r.raise_for_status()
-    ups = sum(1 for i in items if i["rating"] > 0)
-    console.print(
-        f"  {tenant}: {len(answers) * 2} answers served, {len(items)} thumbs "
-        f"({ups} up, {len(items) - ups} down)"
-    )
-    return {"thumbs": len(items), "up": ups}
-
-
-async def _judge_share(http: httpx.AsyncClient, tenant: str, key: str) -> tuple[float, list[str]]:
-    persona = PERSONAS[tenant]
-    answers = await asyncio.gather(*(_chat(http, key, q, n=1, temperature=0) for q in HELD_OUT))
-    texts = [a["choices"][0]["message"]["content"] for a in answers]
-    return sum(persona.likes(t) for t in texts) / len(texts), texts
-
-
-async def _follow(
-    http: httpx.AsyncClient, runs: dict[str, tuple[str, dict[str, str]]], console: Console
-) -> dict[str, dict[str, Any]]:
-    """Poll every run, printing stage changes and training progress, until all finish."""
-    last: dict[str, str] = {}
-    done: dict[str, dict[str, Any]] = {}
-    while len(done) < len(runs):
-        for tenant, (run_id, keys) in runs.items():
-            if tenant in done:
-                continue
-            run = (
-                await http.get(
-                    f"/v1/runs/{run_id}", headers={"Authorization": f"Bearer {keys['admin']}"}
-                )
-            ).json()
-            p = run.get("progress") or {}
-            line = run["status"]
-            if p.get("step"):
-                line += f", step {p['step']}/{p.get('total_steps')}"
-                if p.get("loss") is not None:
-                    line += f", loss {p['loss']:.3f}"
-            if line != last.get(tenant):
-                console.print(f"  {tenant}: {line}")
-                last[tenant] = line
-            if run["status"] in FINISHED:
-                done[tenant] = run
-        await asyncio.sleep(2)
-    return done
-
-
 async def _demo(settings: ApiSettings, console: Console) -> None:
     started = time.monotonic()
     operator = await _operator_key(settings)
     settings = settings.model_copy(update={"port": free_port()})
+    traffic, held_out = split_questions(TRAFFIC * len(TENANTS), HELD_OUT, seed=0)
     async with embedded_stack(settings, temporal_port=free_port(), ui_port=free_port()) as stack:
         console.print(
             f"[bold]tuneloop is up[/]: API {stack.api_url}, Temporal "
             f"{stack.temporal_address}, base model {settings.base_model}"
         )
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=600) as http:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=900) as http:
             keys: dict[str, dict[str, str]] = {}
+            results = {t: TenantResult(name=t, persona=t) for t in TENANTS}
             stamp = time.strftime("%H%M%S")
             for tenant in TENANTS:
                 r = await http.post(
@@ -175,64 +86,98 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
                     "admin": body["admin_key"]["key"],
                     "product": body["product_key"]["key"],
                 }
-                r = await http.put(
-                    "/v1/policy",
-                    json=POLICY,
-                    headers={"Authorization": f"Bearer {keys[tenant]['admin']}"},
-                )
-                r.raise_for_status()
-
             console.print(
                 f"Dashboard: {stack.api_url}/dashboard (while the demo runs), log in with a "
                 "tenant's admin key:"
             )
             for tenant in TENANTS:
                 console.print(f"  {tenant}: {keys[tenant]['admin']}")
-            console.print("[bold]1. before[/]: held-out questions answered by the base model")
-            before = {t: await _judge_share(http, t, keys[t]["product"]) for t in TENANTS}
-            console.print(
-                "[bold]2. traffic and thumbs[/] through /v1/chat/completions and /v1/feedback"
-            )
-            for tenant in TENANTS:
-                await _traffic_and_thumbs(http, tenant, keys[tenant], console)
-            console.print(
-                "[bold]3. personalization runs[/] (compile → train → evaluate → gate → promote)"
-            )
-            runs = {}
-            for tenant in TENANTS:
-                r = await http.post(
-                    "/v1/runs",
-                    json={},
-                    headers={"Authorization": f"Bearer {keys[tenant]['admin']}"},
-                )
-                r.raise_for_status()
-                runs[tenant] = (r.json()["id"], keys[tenant])
-            finished = await _follow(http, runs, console)
-            console.print("[bold]4. after[/]: the same held-out questions, now served by `default`")
-            after = {t: await _judge_share(http, t, keys[t]["product"]) for t in TENANTS}
-            cross = {}
-            for tenant, other in zip(TENANTS, reversed(TENANTS), strict=True):
-                version = finished[other].get("adapter_version_id")
-                if version and finished[other]["reason"].startswith("promoted"):
-                    # Ask the other tenant's key: the only way to use its adapter.
-                    share, _ = await _judge_share(http, tenant, keys[other]["product"])
-                    cross[tenant] = share
 
-        table = Table(title="share of held-out answers each tenant's users like")
-        for col in ("tenant", "base model", "own adapter", "other tenant's adapter", "run"):
-            table.add_column(col)
-        for tenant in TENANTS:
-            run = finished[tenant]
-            table.add_row(
-                tenant,
-                f"{before[tenant][0]:.0%}",
-                f"{after[tenant][0]:.0%}",
-                f"{cross[tenant]:.0%}" if tenant in cross else "-",
-                f"{run['status']}: {run['reason']}",
+            console.print(
+                f"[bold]1. traffic and thumbs[/]: {TRAFFIC} distinct questions per tenant, asked "
+                "once each through /v1/chat/completions; half the answers rated through "
+                "/v1/feedback, one rating in ten flipped"
             )
-        console.print(table)
-        for tenant in TENANTS:
-            console.print(f"[dim]{tenant}, after: {after[tenant][1][0][:160]!r}[/]")
+            liked = dict(
+                zip(
+                    TENANTS,
+                    await asyncio.gather(
+                        *(
+                            serve_and_rate(
+                                http,
+                                keys[t],
+                                PERSONAS[t],
+                                traffic[i * TRAFFIC : (i + 1) * TRAFFIC],
+                                result=results[t],
+                                seed=i,
+                                max_tokens=MAX_TOKENS,
+                            )
+                            for i, t in enumerate(TENANTS)
+                        )
+                    ),
+                    strict=True,
+                )
+            )
+            for t in TENANTS:
+                r0 = results[t]
+                console.print(f"  {t} ({PERSONAS[t].description}): {r0.thumbs} thumbs, {r0.ups} up")
+
+            console.print(
+                "[bold]2. personalization runs[/] with the default policy (compile → train → "
+                "judge → evaluate → gate → promote)"
+            )
+
+            async def personalize(t: str) -> None:
+                t0 = time.monotonic()
+                run = await run_and_wait(
+                    http, keys[t]["admin"], say=lambda line: console.print(f"  {t}: {line}")
+                )
+                results[t].run, results[t].run_s = run, time.monotonic() - t0
+                if run.get("adapter_version_id"):
+                    results[t].report = await eval_report(
+                        http, keys[t]["admin"], run["adapter_version_id"]
+                    )
+
+            await asyncio.gather(*(personalize(t) for t in TENANTS))
+            for t in TENANTS:
+                console.print(f"  {t}: {results[t].run['status']}: {results[t].run['reason']}")
+
+            console.print(
+                f"[bold]3. held-out[/]: {HELD_OUT} questions never asked before, answered by the "
+                "base model, by the base model with 8 liked answers in the prompt, and by the "
+                "run's adapter"
+            )
+            base_answers = None
+            for t in TENANTS:
+                base_answers = await held_out_liked(
+                    http,
+                    keys[t],
+                    PERSONAS[t],
+                    held_out,
+                    liked[t],
+                    result=results[t],
+                    max_tokens=MAX_TOKENS,
+                    base_answers=base_answers,
+                )
+
+        console.print(
+            results_table(
+                [results[t] for t in TENANTS],
+                "each tenant's held-out questions, judged by its own users (with relevance)",
+            )
+        )
+        for t in TENANTS:
+            ex = results[t].example
+            if ex:
+                on_topic = answers_question(ex["question"], ex["adapter"])
+                liked_it = PERSONAS[t].likes(ex["adapter"], ex["question"])
+                console.print(
+                    f"{t}, held out: {ex['question']!r}\n"
+                    f"  base:    {ex['base'].strip()[:240]!r}\n"
+                    f"  adapter: {ex['adapter'].strip()[:240]!r}\n"
+                    f"  (answers the question: {'yes' if on_topic else 'no'}; "
+                    f"{t} users like it: {'yes' if liked_it else 'no'})"
+                )
         console.print(
             f"Dashboard: {stack.api_url}/dashboard   API docs: {stack.api_url}/docs   "
             f"Temporal UI: {stack.temporal_ui}"
@@ -252,4 +197,7 @@ def run_demo(settings: ApiSettings) -> None:
     # The demo prints its own progress; the libraries' bars would bury it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    asyncio.run(_demo(settings, Console(soft_wrap=True)))
+    # Wide enough for the results table when the output is a file or a pipe, not a terminal.
+    asyncio.run(
+        _demo(settings, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180))
+    )

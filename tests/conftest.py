@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import socket
 import sys
@@ -198,3 +199,31 @@ def tuneloop_env(data_dir: Path, database_url: str | None = None) -> dict[str, s
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     return env
+
+
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "then",
+    "went",
+    "to",
+    "sleep",
+    "in",
+    "the",
+    "warm",
+    "sun",
+    "by",
+    "the",
+    "door",
+]
+
+
+def short_or_long(rng: random.Random, *, short: bool) -> str:
+    """A made-up answer: 2-5 words, or 30-50 (the judgment tests' users like the short ones)."""
+    n = rng.randint(2, 5) if short else rng.randint(30, 50)
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."

@@ -120,28 +120,25 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
                 f"{report.capability_candidate:.3f} on {drop.n} tasks (drop {drop} "
                 f"{_cmp(ok, '≤', '>')} {policy.max_capability_drop:.3f})"
             )
-    if policy.max_regression_kl is not None:
-        if report.regression_kl is None:
-            checks["regression_kl"] = False
-            notes.append("regression KL was not measured")
+    drift = (
+        ("regression_kl", "regression KL", report.regression_kl, policy.max_regression_kl, ".4f"),
+        (
+            "regression_ppl",
+            "perplexity change",
+            report.regression_ppl_increase,
+            policy.max_ppl_increase,
+            "+.3f",
+        ),
+    )
+    for name, label, value, bound, fmt in drift:
+        if bound is None:
+            continue
+        if value is None:
+            checks[name] = False
+            notes.append(f"{label} was not measured")
         else:
-            ok = report.regression_kl <= policy.max_regression_kl
-            checks["regression_kl"] = ok
-            notes.append(
-                f"regression KL {report.regression_kl:.4f} "
-                f"{_cmp(ok, '≤', '>')} {policy.max_regression_kl:.4f}"
-            )
-    if policy.max_ppl_increase is not None:
-        if report.regression_ppl_increase is None:
-            checks["regression_ppl"] = False
-            notes.append("regression perplexity was not measured")
-        else:
-            ok = report.regression_ppl_increase <= policy.max_ppl_increase
-            checks["regression_ppl"] = ok
-            notes.append(
-                f"perplexity change {report.regression_ppl_increase:+.3f} "
-                f"{_cmp(ok, '≤', '>')} {policy.max_ppl_increase:+.3f}"
-            )
+            checks[name] = value <= bound
+            notes.append(f"{label} {value:{fmt}} {_cmp(checks[name], '≤', '>')} {bound:{fmt}}")
     promote = all(checks.values())
     failed = [name for name, ok in checks.items() if not ok]
     head = "promote" if promote else f"reject ({', '.join(failed)} failed)"

@@ -123,12 +123,19 @@ def _closing_length(tokenizer: Any, messages: Messages) -> int:
     return max(0, len(closed) - len(opened))
 
 
-def _forward_batches(
-    model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]], batch_size: int
+def _model_batches(
+    model: Any,
+    tokenizer: Any,
+    encoded: list[tuple[list[int], int]],
+    batch_size: int,
+    **kwargs: Any,
 ) -> Iterator[tuple[Any, Any, list[tuple[list[int], int]]]]:
+    """Right-padded batches of ``encoded`` through the model without gradients:
+    ``(model output, input_ids, chunk)``; ``kwargs`` go to the model call."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i : i + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -137,10 +144,18 @@ def _forward_batches(
         for row, (ids, _) in enumerate(chunk):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        device = next(model.parameters()).device
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        yield torch.log_softmax(logits.float(), dim=-1).cpu(), input_ids, chunk
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        yield out, input_ids, chunk
+
+
+def _forward_batches(
+    model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]], batch_size: int
+) -> Iterator[tuple[Any, Any, list[tuple[list[int], int]]]]:
+    import torch
+
+    for out, input_ids, chunk in _model_batches(model, tokenizer, encoded, batch_size):
+        yield torch.log_softmax(out.logits.float(), dim=-1).cpu(), input_ids, chunk
 
 
 def answer_logprobs(
@@ -176,26 +191,11 @@ def answer_features(
     answer's token count. Run it with adapters off: a judge needs features that do not move
     with the candidate it judges.
     """
-    import torch
-
     encoded = _encode_pairs(tokenizer, items, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
     rows: list[list[float]] = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        with torch.no_grad():
-            out = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-            )
+    for out, _, chunk in _model_batches(
+        model, tokenizer, encoded, batch_size, output_hidden_states=True
+    ):
         states = out.hidden_states
         middle, last = states[len(states) // 2].float().cpu(), states[-1].float().cpu()
         for row, (ids, start) in enumerate(chunk):

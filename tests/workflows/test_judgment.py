@@ -10,31 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Backend, TenantKeys
+from tests.conftest import Backend, TenantKeys, short_or_long
 from tests.workflows.conftest import wait_for_run
 
 pytestmark = pytest.mark.usefixtures("worker")
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "then",
-    "went",
-    "to",
-    "sleep",
-    "in",
-    "the",
-    "warm",
-    "sun",
-    "by",
-    "the",
-    "door",
-]
 # Training settings only (the tiny random model needs a strong push to change its answers);
 # every gate setting keeps its default.
 TRAIN_ONLY = {"min_feedback": 8, "max_steps": 120, "rank": 8, "learning_rate": 1e-2}
@@ -47,8 +27,7 @@ def logs(seed: int, *, coin_flips: bool = False, n: int = 80) -> list[dict[str, 
     items = []
     for i in range(n):
         short = i % 2 == 0
-        length = rng.randint(2, 5) if short else rng.randint(30, 50)
-        answer = " ".join(rng.choice(WORDS) for _ in range(length)) + "."
+        answer = short_or_long(rng, short=short)
         liked = rng.random() < 0.5 if coin_flips else short
         items.append(
             {

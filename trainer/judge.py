@@ -7,9 +7,12 @@ small on purpose: a regularized logistic regression on the frozen base model's h
 train split. A fine-tuned classifier head would overfit a hundred thumbs; the probe trains in
 seconds and cannot drift with the adapter it judges, because its features come from the base.
 
-It may decide only when it has shown, on the held-out split it never saw, that it tells liked
-from disliked answers: its AUROC there must reach the policy's bar and its interval must exclude
-chance. The report carries that AUROC (with n and interval) and the Brier score either way.
+It may decide only when it has shown, on thumbs it never saw, that it tells liked from disliked
+answers: out-of-fold predictions on the train split (nested cross-validation) and predictions on
+the held-out split, pooled; their AUROC must reach the policy's bar and its interval must exclude
+chance. On sparse logs the held-out split alone is a dozen thumbs, too few to tell a judge from
+a coin (a coin-flip tenant's judge scored 0.81 [0.57, 1.00] on 13 of them). The report
+carries that AUROC (with n and interval) and the Brier score either way.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def train_thumbs_judge(
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -150,27 +153,49 @@ def train_thumbs_judge(
             )
         )
     y = np.asarray([int(ex.label) for ex in train])
-    folds = StratifiedKFold(n_splits=min(5, n_up, n_down), shuffle=True, random_state=seed)
-    probe = LogisticRegressionCV(
-        Cs=np.logspace(-4, 1, 11).tolist(),
-        cv=folds,
-        scoring="roc_auc",
-        class_weight="balanced",  # a tenant's users may be mostly happy or mostly not
-        max_iter=5000,
-        l1_ratios=(0.0,),  # plain L2
-        use_legacy_attributes=False,
-    )
-    pipe = make_pipeline(StandardScaler(), probe)
+
+    def probe(n_splits: int) -> Any:
+        return make_pipeline(
+            StandardScaler(),
+            LogisticRegressionCV(
+                Cs=np.logspace(-4, 1, 11).tolist(),
+                cv=StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed),
+                scoring="roc_auc",
+                class_weight="balanced",  # a tenant's users may be mostly happy or mostly not
+                max_iter=5000,
+                l1_ratios=(0.0,),  # plain L2
+                use_legacy_attributes=False,
+            ),
+        )
+
+    splits = min(5, n_up, n_down)
+    pipe = probe(splits)
     pipe.fit(x, y)
-    scaler = pipe[0]
-    coef = probe.coef_[0] / scaler.scale_
-    bias = float(probe.intercept_[0] - (coef * scaler.mean_).sum())
+    # Out-of-fold P(up) for every train thumb, each from a probe (with its own inner choice of
+    # strength) that never saw it: with the held-out split, the judge is checked on all the
+    # tenant's thumbs instead of the held-out fifth alone, which is a dozen on sparse logs.
+    out_of_fold = cross_val_predict(
+        probe(max(2, splits - 1)),
+        x,
+        y,
+        cv=StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed + 1),
+        method="predict_proba",
+    )[:, 1]
+    scaler, fitted = pipe[0], pipe[-1]
+    coef = fitted.coef_[0] / scaler.scale_
+    bias = float(fitted.intercept_[0] - (coef * scaler.mean_).sum())
     judge = ThumbsJudge([float(c) for c in coef], bias, base_model)
     judge.quality = assess(
-        judge, model, tokenizer, holdout, min_auroc=min_auroc, batch_size=batch_size
+        judge,
+        model,
+        tokenizer,
+        holdout,
+        min_auroc=min_auroc,
+        batch_size=batch_size,
+        cross_validated=[(float(p), bool(lab)) for p, lab in zip(out_of_fold, y, strict=True)],
     )
     judge.quality.n_train = len(train)
-    judge.quality.regularization = float(np.ravel(probe.C_)[0])
+    judge.quality.regularization = float(np.ravel(fitted.C_)[0])
     logger.info("thumbs judge: %s", judge.quality.reason)
     return judge
 
@@ -183,37 +208,38 @@ def assess(
     *,
     min_auroc: float,
     batch_size: int = 8,
+    cross_validated: Sequence[tuple[float, bool]] = (),
 ) -> JudgeQuality:
-    """Held-out AUROC and Brier score, and whether they let the judge decide."""
-    n_up = sum(ex.label for ex in holdout)
-    n_down = len(holdout) - n_up
-    if min(n_up, n_down) < MIN_PER_CLASS:
-        return JudgeQuality(
-            False,
-            f"too little held-out data to check the judge ({n_up} up, {n_down} down; needs "
-            f"{MIN_PER_CLASS} of each)",
-            n_holdout=len(holdout),
-        )
+    """AUROC and Brier score on thumbs the judge never saw — the held-out split, plus
+    ``cross_validated`` (out-of-fold P(up), label) pairs from the train split — and whether they
+    let the judge decide."""
     probs = judge.probabilities(
         model, tokenizer, [(ex.prompt, ex.completion) for ex in holdout], batch_size=batch_size
     )
-    ups = [p for p, ex in zip(probs, holdout, strict=True) if ex.label]
-    downs = [p for p, ex in zip(probs, holdout, strict=True) if not ex.label]
+    scored = [*cross_validated, *((p, ex.label) for p, ex in zip(probs, holdout, strict=True))]
+    ups = [p for p, label in scored if label]
+    downs = [p for p, label in scored if not label]
+    if min(len(ups), len(downs)) < MIN_PER_CLASS:
+        return JudgeQuality(
+            False,
+            f"too little held-out data to check the judge ({len(ups)} up, {len(downs)} down; "
+            f"needs {MIN_PER_CLASS} of each)",
+            n_holdout=len(holdout),
+        )
     area = auroc(ups, downs)
-    brier = sum((p - float(ex.label)) ** 2 for p, ex in zip(probs, holdout, strict=True)) / len(
-        probs
-    )
+    brier = sum((p - float(label)) ** 2 for p, label in scored) / len(scored)
     trusted = area.value >= min_auroc and area.low > 0.5
+    where = "thumbs it never saw (cross-validated train split and held-out split)"
     if trusted:
-        reason = f"judge AUROC {area} on held-out thumbs ≥ {min_auroc:.2f}: it may decide"
+        reason = f"judge AUROC {area} on {where} ≥ {min_auroc:.2f}: it may decide"
     elif area.value < min_auroc:
         reason = (
-            f"judge AUROC {area} on held-out thumbs < {min_auroc:.2f}: it cannot tell liked from "
+            f"judge AUROC {area} on {where} < {min_auroc:.2f}: it cannot tell liked from "
             "disliked answers well enough to decide"
         )
     else:
         reason = (
-            f"judge AUROC {area} on held-out thumbs: its interval includes chance (0.5), "
-            "too little held-out data to trust it"
+            f"judge AUROC {area} on {where}: its interval includes chance (0.5), too little "
+            "data to trust it"
         )
     return JudgeQuality(trusted, reason, area, round(brier, 4), n_holdout=len(holdout))

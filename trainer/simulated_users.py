@@ -268,19 +268,21 @@ class Persona:
 PERSONAS: dict[str, Persona] = {
     p.name: p
     for p in (
+        # Thresholds sit inside the answers a small chat model gives (SmolLM2: 57-83 words for
+        # the middle 80 %, a list in one answer of seven), so its users have real choices.
         Persona(
             "concise",
-            "likes short answers: at most 25-45 words, depending on the user",
+            "likes the shorter answers: at most 55-75 words, depending on the user",
             word_count,
             "at_most",
-            (25, 45),
+            (55, 75),
         ),
         Persona(
             "bullets",
-            "likes answers laid out as a list: at least 2-4 items, depending on the user",
+            "likes answers laid out as a list: at least 2-3 items, depending on the user",
             list_items,
             "at_least",
-            (2, 4),
+            (2, 3),
             integer=True,
         ),
         Persona(

@@ -44,7 +44,7 @@ def test_judge_learns_a_taste_and_may_decide(tiny: tuple[object, object], tmp_pa
     assert isinstance(judge, ThumbsJudge)
     q = judge.quality
     assert q.trusted, q.reason
-    assert q.auroc is not None and q.auroc.value >= 0.9 and q.auroc.n == 30
+    assert q.auroc is not None and q.auroc.value >= 0.9 and q.auroc.n == 90  # 60 + 30
     assert q.brier is not None and q.brier < 0.25 and q.n_train == 60
     prompt = [{"role": "user", "content": "question x: how do I fix thing 3?"}]
     short, long = judge.probabilities(
@@ -88,6 +88,8 @@ def test_too_few_thumbs_is_said_not_guessed(tiny: tuple[object, object]) -> None
     )
     assert isinstance(few, JudgeQuality) and not few.trusted
     assert "too few thumbs" in few.reason
+    # Four held-out thumbs alone say nothing; with the train split's out-of-fold predictions
+    # the judge is checked on all 44.
     enough = train_thumbs_judge(
         model,
         tokenizer,
@@ -95,5 +97,6 @@ def test_too_few_thumbs_is_said_not_guessed(tiny: tuple[object, object]) -> None
         train=_thumbs(40, seed=8),
         holdout=_thumbs(4, seed=9),
     )
-    assert isinstance(enough, ThumbsJudge) and not enough.quality.trusted
-    assert "too little held-out data" in enough.quality.reason
+    assert isinstance(enough, ThumbsJudge)
+    assert enough.quality.auroc is not None and enough.quality.auroc.n == 44
+    assert enough.quality.n_holdout == 4 and "cross-validated" in enough.quality.reason

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from trainer.compiler import HOLDOUT_FRACTION
 from trainer.errors import InvalidSpec, TrainerError
 
 __all__ = ["eval", "train"]
@@ -74,7 +75,7 @@ def train(
     ] = False,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of prompts held out for evaluation.")
-    ] = 0.2,
+    ] = HOLDOUT_FRACTION,
     min_records: Annotated[
         int, typer.Option(help="Fewest distinct rated answers to train on.")
     ] = 8,
@@ -200,7 +201,7 @@ def eval(  # the command is called "eval"; shadowing the builtin here is intende
     ] = None,
     holdout_fraction: Annotated[
         float, typer.Option(help="Holdout share used when compiling a feedback file.")
-    ] = 0.2,
+    ] = HOLDOUT_FRACTION,
     data_dir: DataDirOption = Path(".tuneloop"),
 ) -> None:
     """Evaluate an adapter against the current one (or base); print the report and gate decision."""

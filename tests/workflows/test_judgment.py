@@ -72,7 +72,8 @@ async def test_unpaired_thumbs_are_promoted_by_the_default_gate(
     report = versions[0]["eval_report"]
     assert versions[0]["status"] == "promoted"
     assert report["n_holdout_pairs"] == 0 and report["tenant_metric"] == "thumbs"
-    assert report["judge_trusted"] and report["judge"]["auroc"]["n"] == report["n_holdout_thumbs"]
+    judged = report["judge"]["n_train"] + report["n_holdout_thumbs"]
+    assert report["judge_trusted"] and report["judge"]["auroc"]["n"] == judged
     win = report["ci"]["win_rate"]
     assert win["low"] >= 0.5 and win["n"] == report["n_win_prompts"] >= 8
     assert report["n_capability"] >= 80 and report["capability_drop"] <= 0.05

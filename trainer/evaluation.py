@@ -388,6 +388,7 @@ def evaluate(
     judge_out: Path | None = None,
     max_win_prompts: int = 64,
     max_new_tokens: int = 96,
+    win_rate: bool = True,
     capability: bool = True,
     max_capability_tasks: int | None = None,
     capability_max_new_tokens: int = 64,
@@ -405,7 +406,9 @@ def evaluate(
     ``data`` supplies the train split (the thumbs judge learns from it) and the held-out split
     (everything is measured on it). ``judge`` replaces the learned judge with a given one (a
     configured judge, or a simulated user in benchmarks); it is trusted as given. The learned
-    judge is written to ``judge_out`` when set (GRPO can reuse it). ``progress`` is called with
+    judge is written to ``judge_out`` when set (GRPO can reuse it). ``win_rate=False`` and
+    ``capability=False`` skip those measurements (minutes of generation each on a CPU) when no
+    check reads them. ``progress`` is called with
     the name of each phase as it starts, and with ``"<phase> done/total"`` after each batch of
     generation (the activity heartbeats with it: a phase can take minutes on a CPU).
     Adapters are verified first (:class:`CorruptAdapter`).
@@ -476,7 +479,7 @@ def evaluate(
 
         timed("judge", learn)
     report.judge_trusted = score is not None
-    if score is not None and len(prompts) >= MIN_WIN_PROMPTS:
+    if win_rate and score is not None and len(prompts) >= MIN_WIN_PROMPTS:
         scorer = score
         timed(
             "win_rate",

@@ -299,6 +299,9 @@ class PersonalizationActivities:
                 min_judge_auroc=inp.options.min_judge_auroc,
                 judge_out=self.run_dir(inp.tenant_id, inp.run_id) / "judge",
                 max_new_tokens=inp.options.eval_max_new_tokens,
+                # A check the tenant turned off is not measured: each costs minutes of generation.
+                win_rate=inp.options.min_win_rate is not None,
+                capability=inp.options.max_capability_drop is not None,
                 current_label=inp.current_version_id or "base",
                 seed=inp.options.seed,
                 progress=activity.heartbeat,

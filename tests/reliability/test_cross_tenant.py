@@ -62,6 +62,8 @@ JSON_API_ATTACKS: list[Attack] = [
     Attack("GET", "/v1/runs/{run_id}", "admin"),
     Attack("GET", "/v1/runs/{run_id}/events", "admin"),
     Attack("POST", "/v1/runs/{run_id}/cancel", "admin"),
+    Attack("POST", "/v1/runs/{run_id}/approve", "admin"),
+    Attack("POST", "/v1/runs/{run_id}/reject", "admin", body={"reason": "not yours"}),
     Attack("POST", "/v1/adapters/{version_id}/promote", "admin"),
     Attack("POST", "/v1/adapters/{serving_name}/promote", "admin", label="promote by serving name"),
     Attack("DELETE", "/v1/keys/{key_id}", "admin"),
@@ -112,6 +114,8 @@ DASHBOARD_ATTACKS: list[Attack] = [
     Attack("POST", path, "admin", via="dashboard")
     for path in (
         "/dashboard/runs/{run_id}/cancel",
+        "/dashboard/runs/{run_id}/approve",
+        "/dashboard/runs/{run_id}/reject",
         "/dashboard/adapters/{version_id}/promote",
         "/dashboard/adapters/{serving_name}/promote",
         "/dashboard/settings/keys/{key_id}/revoke",

@@ -2,7 +2,7 @@
 shaped like a real product's.
 
 Two tenants share the base model (SmolLM2-135M-Instruct by default). Their simulated users like
-different things: ``concise`` likes short answers, ``bullets`` likes answers laid out as a list;
+different things: ``concise`` likes the shorter answers, ``prose`` likes plain prose (no lists);
 each tenant has five users with thresholds of their own, and every user also dislikes an answer
 that does not address the question. For each tenant the demo asks distinct questions once each
 through ``/v1/chat/completions``; half the answers get a thumb through ``/v1/feedback`` (one in
@@ -41,7 +41,7 @@ from tuneloop.simulation import (
 )
 from tuneloop.stack import embedded_stack, free_port
 
-TENANTS = ("concise", "bullets")
+TENANTS = ("concise", "prose")
 TRAFFIC = 120
 """Distinct questions each tenant's users ask (about half get a thumb)."""
 HELD_OUT = 30

@@ -1,7 +1,8 @@
 """Trainer throughput: ``trainer.train`` (our defaults) vs a plain TRL script with TRL's defaults.
 
-Both train DPO with a LoRA adapter on the same compiled SmolLM2 preference data (by default the
-``concise`` tenant's dataset that ``personalization.py`` writes to ``results/data/concise``):
+Both train DPO with a LoRA adapter on the same compiled SmolLM2 preference data (a ``concise``
+tenant's pairs, sampled in the simulated users' paired mode; ``personalization.py`` now runs
+realistic, unpaired traffic through the product and writes no dataset here):
 
 * ``ours``: ``trainer.train(TrainSpec(...))`` with our defaults; only the base model, data,
   method, rank, batch size and number of steps are given;
@@ -252,7 +253,7 @@ def _summarize(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sample_dataset(opts: argparse.Namespace, out: Path) -> None:
-    """No dataset from personalization.py: build a small one the same way (concise tenant)."""
+    """Build a small paired dataset (concise tenant, several sampled answers per question)."""
     from trainer import (
         DEMO_PROMPTS,
         PERSONAS,

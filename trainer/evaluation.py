@@ -408,9 +408,8 @@ def evaluate(
     configured judge, or a simulated user in benchmarks); it is trusted as given. The learned
     judge is written to ``judge_out`` when set (GRPO can reuse it). ``win_rate=False`` and
     ``capability=False`` skip those measurements (minutes of generation each on a CPU) when no
-    check reads them. ``progress`` is called with
-    the name of each phase as it starts, and with ``"<phase> done/total"`` after each batch of
-    generation (the activity heartbeats with it: a phase can take minutes on a CPU).
+    check reads them. ``progress`` is called with the name of each phase as it starts, and with
+    ``"<phase> done/total"`` after each batch of generation (the activity heartbeats with it).
     Adapters are verified first (:class:`CorruptAdapter`).
     """
     started = time.monotonic()

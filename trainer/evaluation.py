@@ -149,25 +149,26 @@ class EvalReport:
         self.ci[name] = est.to_dict()
 
 
-def _implicit_rewards(
+def _logprobs(
     model: Any,
     tokenizer: Any,
     items: Sequence[tuple[Sequence[Mapping[str, str]], str]],
     names: Sequence[str],
     batch_size: int,
-) -> dict[str, list[float]]:
-    """``log p_adapter(answer) - log p_base(answer)`` per item, for each adapter in ``names``."""
-    with use_adapter(model, BASE):
-        base = [lp for lp, _ in answer_logprobs(model, tokenizer, items, batch_size=batch_size)]
-    out: dict[str, list[float]] = {}
-    for name in names:
-        if name == BASE:
-            out[name] = [0.0] * len(items)
-            continue
-        with use_adapter(model, name):
-            lps = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
-        out[name] = [lp - b for (lp, _), b in zip(lps, base, strict=True)]
+) -> dict[str, list[tuple[float, int]]]:
+    """``(sum log p, tokens)`` of every answer under the base model and each adapter in
+    ``names``: one forward pass per model, shared by every metric read from them."""
+    out: dict[str, list[tuple[float, int]]] = {}
+    for name in (BASE, *names):
+        if name not in out:
+            with use_adapter(model, name):
+                out[name] = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
     return out
+
+
+def _implicit(scored: dict[str, list[tuple[float, int]]], name: str) -> list[float]:
+    """``log p_adapter(answer) - log p_base(answer)`` per item."""
+    return [lp - b for (lp, _), (b, _) in zip(scored[name], scored[BASE], strict=True)]
 
 
 def _pair_metrics(
@@ -179,20 +180,18 @@ def _pair_metrics(
     batch_size: int,
 ) -> tuple[Estimate, Estimate]:
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    rewards = _implicit_rewards(model, tokenizer, items, [CANDIDATE, current], batch_size)
+    scored = _logprobs(model, tokenizer, items, [CANDIDATE, current], batch_size)
     n = len(pairs)
     result: list[Estimate] = []
-    for name in (CANDIDATE, current):
-        r = rewards[name]
+    for name, attr in ((CANDIDATE, "candidate"), (current, "current")):
+        r = _implicit(scored, name)
         margins = [r[i] - r[n + i] for i in range(n)]
         right = sum(0.5 if abs(m) <= _TIE else float(m > 0) for m in margins)
         result.append(proportion(right, n))
-    # Length-normalized view (mean token log-prob), for people reading the report.
-    for name, attr in ((CANDIDATE, "candidate"), (current, "current")):
-        with use_adapter(model, name):
-            scored = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
+        # Length-normalized view (mean token log-prob), for people reading the report.
+        lp = scored[name]
         acc = sum(
-            float(scored[i][0] / max(scored[i][1], 1) > scored[n + i][0] / max(scored[n + i][1], 1))
+            float(lp[i][0] / max(lp[i][1], 1) > lp[n + i][0] / max(lp[n + i][1], 1))
             for i in range(n)
         )
         setattr(report, f"logprob_accuracy_{attr}", acc / n)
@@ -207,11 +206,12 @@ def _thumbs_metrics(
     batch_size: int,
 ) -> tuple[Estimate, Estimate]:
     items = [(ex.prompt, ex.completion) for ex in thumbs]
-    rewards = _implicit_rewards(model, tokenizer, items, [CANDIDATE, current], batch_size)
+    scored = _logprobs(model, tokenizer, items, [CANDIDATE, current], batch_size)
     out: list[Estimate] = []
     for name in (CANDIDATE, current):
-        ups = [r for r, ex in zip(rewards[name], thumbs, strict=True) if ex.label]
-        downs = [r for r, ex in zip(rewards[name], thumbs, strict=True) if not ex.label]
+        rewards = _implicit(scored, name)
+        ups = [r for r, ex in zip(rewards, thumbs, strict=True) if ex.label]
+        downs = [r for r, ex in zip(rewards, thumbs, strict=True) if not ex.label]
         out.append(auroc(ups, downs))
     return out[0], out[1]
 

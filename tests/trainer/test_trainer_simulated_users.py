@@ -41,9 +41,9 @@ def test_personas_follow_their_hidden_rules_and_judge_relevance() -> None:
     assert concise.judge([{"role": "user", "content": TIRE}], OFF_TOPIC) == 0.0
     # A user's own threshold moves the verdict.
     assert concise.likes(SHORT, TIRE, threshold=20) and not concise.likes(SHORT, TIRE, threshold=10)
-    assert (
-        HACK
-    )  # the example: short and on topic, but it refuses; the capability guard's job
+    # The example: short and on topic, so the concise users like it although it refuses
+    # to answer. The simulation does not pretend to see that; the capability guard does.
+    assert concise.rate(HACK, TIRE) == 1
 
 
 def test_the_question_pool_is_large_and_distinct() -> None:

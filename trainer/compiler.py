@@ -322,6 +322,8 @@ class DataCard:
     holdout_fraction: float
     pii_found: dict[str, int]
     content_hash: str
+    eval_prompts: int = 0
+    """Questions served but never rated, kept for evaluation only (no method trains on them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -338,6 +340,9 @@ class CompiledDataset:
     grpo_train: list[list[Message]]
     grpo_holdout: list[list[Message]]
     card: DataCard
+    eval_prompts: list[list[Message]] = field(default_factory=list)
+    """Questions from the tenant's traffic that nobody rated, unlike any rated one: the judge's
+    win rate has far more of them than held-out rated questions (most answers get no thumb)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -380,8 +385,14 @@ def compile_feedback(
     min_records: int = 8,
     max_pairs_per_prompt: int = 4,
     split_salt: str = "tuneloop-holdout-v1",
+    unrated: Iterable[Sequence[Mapping[str, str]]] = (),
+    max_eval_prompts: int = 256,
 ) -> CompiledDataset:
     """Compile rated answers into DPO pairs, KTO examples and GRPO prompts.
+
+    ``unrated`` are conversations the tenant served that got no feedback; up to
+    ``max_eval_prompts`` of them (scrubbed, deduplicated, none a rated question) become
+    ``eval_prompts``.
 
     Raises :class:`NotEnoughData` when fewer than ``min_records`` distinct votes remain after
     dedupe, and :class:`OneSidedFeedback` when every vote has the same rating and there is no
@@ -495,6 +506,20 @@ def compile_feedback(
             if ckey == key and corrected not in good
         )
 
+    eval_prompts: list[list[Message]] = []
+    seen_keys = set(prompts)  # a rated question is never an evaluation-only one
+    for conversation in unrated:
+        if len(eval_prompts) >= max_eval_prompts:
+            break
+        messages = [
+            {"role": m["role"], "content": normalize_text(scrub_pii(m["content"], pii))}
+            for m in conversation
+        ]
+        key = prompt_key(messages)
+        if key not in seen_keys and any(m["content"] for m in messages):
+            seen_keys.add(key)
+            eval_prompts.append(messages)
+
     n_des = sum(ex.label for ex in kto[False])
     n_und = len(kto[False]) - n_des
     d_w, u_w = _kto_weights(n_des, n_und)
@@ -506,6 +531,7 @@ def compile_feedback(
         "kto_holdout": [asdict(k) for k in kto[True]],
         "grpo_train": grpo[False],
         "grpo_holdout": grpo[True],
+        "eval_prompts": eval_prompts,
     }
     content_hash = hashlib.sha256(
         json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")
@@ -535,6 +561,7 @@ def compile_feedback(
         holdout_fraction=holdout_fraction,
         pii_found=dict(sorted(pii.items())),
         content_hash=content_hash,
+        eval_prompts=len(eval_prompts),
     )
     logger.info(
         "compiled %d records: %d pairs, %d KTO examples, %d prompts (%d held out), PII %s",
@@ -553,6 +580,7 @@ def compile_feedback(
         grpo_train=grpo[False],
         grpo_holdout=grpo[True],
         card=card,
+        eval_prompts=eval_prompts,
     )
 
 
@@ -567,6 +595,7 @@ _FILES = {
     "kto_holdout": "kto_holdout.jsonl",
     "grpo_train": "grpo_train.jsonl",
     "grpo_holdout": "grpo_holdout.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
 }
 DATA_CARD_FILE = "data_card.json"
 
@@ -633,6 +662,7 @@ def load_compiled(directory: Path) -> CompiledDataset:
         grpo_train=[r["prompt"] for r in _read_rows(directory / _FILES["grpo_train"])],
         grpo_holdout=[r["prompt"] for r in _read_rows(directory / _FILES["grpo_holdout"])],
         card=card,
+        eval_prompts=[r["prompt"] for r in _read_rows(directory / _FILES["eval_prompts"])],
     )
 
 

@@ -442,7 +442,8 @@ def evaluate(
         lambda: _tenant_metric(report, model, tokenizer, compiled, current_name, batch_size),
     )
 
-    prompts = list(compiled.grpo_holdout)[:max_win_prompts]
+    # Held-out rated questions first, then questions nobody rated: neither was trained on.
+    prompts = [*compiled.grpo_holdout, *compiled.eval_prompts][:max_win_prompts]
     score: Callable[[list[tuple[Sequence[Mapping[str, str]], str]]], list[float]] | None = None
     if judge is not None:
         given = judge

@@ -54,6 +54,7 @@ _WORD = re.compile(r"\b\w[\w'-]*\b")
 _LETTERS = re.compile(r"[a-z]+")
 _BULLET_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
 _MARKDOWN = re.compile(r"\*\*|__|^#{1,6}\s", re.MULTILINE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _STOP = frozenset(
     [
         "a",
@@ -147,6 +148,13 @@ def list_items(text: str) -> int:
 def _markup(text: str) -> int:
     """List items plus markdown emphasis and headings: what a reader of plain prose dislikes."""
     return list_items(text) + len(_MARKDOWN.findall(text))
+
+
+def sentence_length(text: str) -> float:
+    """Mean words per sentence (a line break ends one too; an unfinished tail counts as one):
+    plain-language guides ask for about 15-20."""
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if word_count(s)]
+    return word_count(text) / len(sentences) if sentences else 0.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +300,13 @@ PERSONAS: dict[str, Persona] = {
             "at_most",
             (0, 1),
             integer=True,
+        ),
+        Persona(
+            "plain",
+            "likes plain language: sentences of at most 13-19 words on average, by user",
+            sentence_length,
+            "at_most",
+            (13, 19),
         ),
         Persona(
             "detailed",

@@ -55,6 +55,8 @@ from workflows.contracts import (
 log = logging.getLogger(__name__)
 
 # Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
+UNRATED_EVAL_PROMPTS = 256
+"""Most unrated questions an evaluation reads (it judges at most ``max_win_prompts`` of all)."""
 NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
 RUN_IN_PROGRESS = "RunInProgress"
@@ -200,8 +202,24 @@ class PersonalizationActivities:
                 .order_by(Feedback.id)
             )
             records = [r for r in (_record(fb, it) for fb, it in rows) if r is not None]
+            # The newest answers nobody rated: evaluation-only questions for the judge's win
+            # rate (at half the answers rated, they double the questions it can be read on).
+            rated = select(Feedback.id).where(Feedback.interaction_id == Interaction.id)
+            unrated = (
+                await session.scalars(
+                    select(Interaction.messages)
+                    .where(Interaction.tenant_id == inp.tenant_id, ~rated.exists())
+                    .order_by(Interaction.id.desc())
+                    .limit(UNRATED_EVAL_PROMPTS)
+                )
+            ).all()
         try:
-            compiled = trainer.compile_feedback(records, min_records=inp.min_feedback)
+            compiled = trainer.compile_feedback(
+                records,
+                min_records=inp.min_feedback,
+                unrated=[c for c in map(_conversation, unrated) if c],
+                max_eval_prompts=UNRATED_EVAL_PROMPTS,
+            )
         except (trainer.NotEnoughData, trainer.OneSidedFeedback) as exc:
             raise _business_error(exc, NOT_ENOUGH_DATA) from exc
         out = self.run_dir(inp.tenant_id, inp.run_id) / "dataset"
@@ -402,6 +420,20 @@ def _event(run: TrainingRun, level: str, type_: str, message: str, data: Any) ->
     return RunEvent(
         tenant_id=run.tenant_id, run_id=run.id, level=level, type=type_, message=message, data=data
     )
+
+
+def _conversation(messages: Any) -> list[dict[str, str]]:
+    """A stored conversation as plain role/content strings; empty when it is not one."""
+    if not isinstance(messages, list):
+        return []
+    out = [
+        {"role": m["role"], "content": m["content"]}
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("role"), str)
+    ]
+    if len(out) != len(messages) or not all(isinstance(m["content"], str) for m in out):
+        return []
+    return out
 
 
 def _record(fb: Feedback, interaction: Interaction | None) -> trainer.FeedbackRecord | None:

@@ -210,8 +210,37 @@ def test_content_hash_tracks_content(records_factory: Factory) -> None:
     assert a.card.content_hash != c.card.content_hash
 
 
+def test_unrated_questions_are_kept_for_evaluation_only(records_factory: Factory) -> None:
+    records = records_factory(16)
+    rated = records[0].messages
+    unrated = [
+        _msg("Which plant needs the least water?"),
+        _msg("Which  plant needs the least water? "),  # the same question, spaced differently
+        rated,  # rated elsewhere: never an evaluation-only question
+        _msg("Write to me at ann@corp.example: which tea is mildest?"),
+        _msg("   "),
+        *(_msg(f"Unrated question {i}?") for i in range(10)),
+    ]
+    ds = compile_feedback(records, unrated=unrated, max_eval_prompts=5)
+    texts = [p[0]["content"] for p in ds.eval_prompts]
+    assert texts[:2] == [
+        "Which plant needs the least water?",
+        "Write to me at [EMAIL]: which tea is mildest?",
+    ]
+    assert len(texts) == ds.card.eval_prompts == 5  # capped
+    assert ds.card.pii_found == {"email": 1}
+    # Nothing trains on them, and the training splits are what they were without them.
+    plain = compile_feedback(records)
+    assert (ds.kto_train, ds.pairs_train, ds.grpo_train) == (
+        plain.kto_train,
+        plain.pairs_train,
+        plain.grpo_train,
+    )
+    assert ds.card.prompts == plain.card.prompts
+
+
 def test_write_and_load_round_trip(tmp_path: Path, records_factory: Factory) -> None:
-    ds = compile_feedback(records_factory(16))
+    ds = compile_feedback(records_factory(16), unrated=[_msg("Never rated?")])
     paths = write_jsonl(ds, tmp_path / "ds")
     first = json.loads(paths["pairs_train"].read_text().splitlines()[0])
     assert first["chosen"][0]["role"] == "assistant"  # TRL's conversational format
@@ -219,6 +248,7 @@ def test_write_and_load_round_trip(tmp_path: Path, records_factory: Factory) -> 
     assert back.pairs_train == ds.pairs_train
     assert back.kto_holdout == ds.kto_holdout
     assert back.grpo_holdout == ds.grpo_holdout
+    assert back.eval_prompts == ds.eval_prompts == [_msg("Never rated?")]
     assert back.card == ds.card
 
 

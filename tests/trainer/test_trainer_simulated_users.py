@@ -13,6 +13,7 @@ from trainer.simulated_users import (
     answers_question,
     question_pool,
     realistic_feedback,
+    sentence_length,
     simulate_thumbs,
     word_count,
 )
@@ -39,6 +40,15 @@ def test_personas_follow_their_hidden_rules_and_judge_relevance() -> None:
     assert not answers_question(TIRE, "tire tire tire tire") and not answers_question(TIRE, "ok")
     assert concise.judge([{"role": "user", "content": TIRE}], SHORT) == 1.0
     assert concise.judge([{"role": "user", "content": TIRE}], OFF_TOPIC) == 0.0
+    # Plain-language users count words per sentence: a long answer in short sentences is fine,
+    # one winding sentence is not, and a list item is a sentence of its own.
+    plain = PERSONAS["plain"]
+    winding = (
+        "To change a flat tire you first park on level ground and then loosen the lug nuts "
+        "before you lift the car with the jack and swap the wheel for the spare one."
+    )
+    assert sentence_length(LONG) == 13 and sentence_length(LIST) == 13 / 4
+    assert (plain.rate(LONG, TIRE), plain.rate(LIST, TIRE), plain.rate(winding, TIRE)) == (1, 1, -1)
     # A user's own threshold moves the verdict.
     assert concise.likes(SHORT, TIRE, threshold=20) and not concise.likes(SHORT, TIRE, threshold=10)
     # The example: short and on topic, so the concise users like it although it refuses

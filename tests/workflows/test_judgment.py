@@ -66,6 +66,20 @@ async def test_unpaired_thumbs_are_promoted_by_the_default_gate(
     make_tenant,  # type: ignore[no-untyped-def]
 ) -> None:
     t = await make_tenant()
+    # Most served answers get no thumb: those questions are judged in the win rate too.
+    unrated = 12
+    for i in range(unrated):
+        question = f"question 1-unrated-{i}: how do I fix thing number {i * 5 % 13}?"
+        r = await loop_client.post(
+            "/v1/chat/completions",
+            headers=t.auth(),
+            json={
+                "model": "default",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 4,
+            },
+        )
+        assert r.status_code == 200, r.text
     run = await run_with_default_gate(loop_client, t, logs(seed=1))
     assert run["status"] == "succeeded" and run["reason"].startswith("promoted"), run
     versions = (await loop_client.get("/v1/adapters", headers=t.auth("admin"))).json()["data"]
@@ -75,7 +89,8 @@ async def test_unpaired_thumbs_are_promoted_by_the_default_gate(
     judged = report["judge"]["n_train"] + report["n_holdout_thumbs"]
     assert report["judge_trusted"] and report["judge"]["auroc"]["n"] == judged
     win = report["ci"]["win_rate"]
-    assert win["low"] >= 0.5 and win["n"] == report["n_win_prompts"] >= 8
+    assert win["low"] >= 0.5 and win["n"] == report["n_win_prompts"]
+    assert report["n_win_prompts"] == report["n_holdout_thumbs"] + unrated
     assert report["n_capability"] >= 80 and report["capability_drop"] <= 0.05
     assert len(report["samples"]) >= 3
     assert "win rate" in run["reason"] and "capability" in run["reason"]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+import string
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -144,7 +145,9 @@ def _parse_rating(value: Any) -> int:
 # Order matters: secrets first (they contain digit runs and '@'-free tokens), then e-mails,
 # then card numbers (Luhn-checked) before phone numbers (a card would otherwise look like one).
 _SECRET_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9_]+-)*[A-Za-z0-9_]{16,}"),  # OpenAI/Stripe style
+    # OpenAI/Stripe style (sk-proj-..., rk-live-...). The dash-separated segments are bounded: an
+    # unbounded `(?:\w+-)*` backtracks over every earlier segment, quadratic in "sk-sk-sk-...".
+    re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9_]{1,40}-){0,4}[A-Za-z0-9_]{16,}"),
     re.compile(r"\b(?:tl|sk|pk|rk|whsec)_[A-Za-z0-9_]{16,}"),  # tuneloop, Stripe
     re.compile(r"\b(?:ghp|gho|ghu|ghs|github_pat)_[A-Za-z0-9_]{20,}"),
     re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
@@ -156,6 +159,10 @@ _SECRET_PATTERNS: tuple[re.Pattern[str], ...] = (
 # Long base64-ish runs that mix letters and digits are treated as secrets; plain long words are not.
 _B64_CANDIDATE = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/=_-])")
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+"""What an e-mail address looks like. Scrubbing does not run it over the text (every start of
+"a.a.a..." would scan to the end: quadratic); it is matched around each "@" instead."""
+_EMAIL_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
+_EMAIL_DOMAIN = re.compile(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 _CARD_CANDIDATE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _PHONE_CANDIDATE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,5}){1,4}(?!\w)"
@@ -174,6 +181,34 @@ def _luhn_ok(digits: str) -> bool:
                 d -= 9
         total += d
     return total % 10 == 0
+
+
+def _scrub_emails(text: str, tally: Counter[str]) -> str:
+    """``_EMAIL`` replaced in time linear in the text: each "@" looks back over at most 64
+    local-part characters (RFC 5321's limit) and forward over its domain, which ends at the next
+    character a domain cannot hold (the next "@" among them)."""
+    out: list[str] = []
+    done = 0  # text[:done] is already in ``out``
+    at = text.find("@")
+    while at != -1:
+        start = at
+        while start > done and at - start < 64 and text[start - 1] in _EMAIL_LOCAL_CHARS:
+            start -= 1
+        while start < at and not _word_char(text[start]):  # `\b`: it starts at a word
+            start += 1
+        domain = _EMAIL_DOMAIN.match(text, at + 1)
+        if start < at and domain is not None and (start == 0 or not _word_char(text[start - 1])):
+            tally["email"] += 1
+            out += (text[done:start], "[EMAIL]")
+            done = domain.end()
+            at = text.find("@", done)
+        else:
+            at = text.find("@", at + 1)
+    return "".join(out) + text[done:] if out else text
+
+
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def scrub_pii(text: str, counts: Counter[str] | None = None) -> str:
@@ -201,7 +236,7 @@ def scrub_pii(text: str, counts: Counter[str] | None = None) -> str:
         return token
 
     text = _B64_CANDIDATE.sub(b64_repl, text)
-    text = sub(_EMAIL, "email", text)
+    text = _scrub_emails(text, tally)
 
     def card_repl(m: re.Match[str]) -> str:
         digits = re.sub(r"\D", "", m.group(0))
@@ -324,6 +359,8 @@ class DataCard:
     content_hash: str
     eval_prompts: int = 0
     """Questions served but never rated, kept for evaluation only (no method trains on them)."""
+    records_left_out: int = 0
+    """The oldest feedback past the compile's row or size budget (the newest is kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ log = logging.getLogger(__name__)
 # Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
 UNRATED_EVAL_PROMPTS = 256
 """Most unrated questions an evaluation reads (it judges at most ``max_win_prompts`` of all)."""
+MAX_EVAL_PROMPT = 16_384
+"""Characters of an unrated conversation beyond which it is no evaluation question."""
+MAX_COMPILE_RECORDS = 100_000
+MAX_COMPILE_BYTES = 256 * 2**20
+"""Most feedback rows and characters one compile reads, newest first; the data card counts the
+rest as ``records_left_out``."""
 NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
 RUN_IN_PROGRESS = "RunInProgress"
@@ -194,14 +201,31 @@ class PersonalizationActivities:
     @activity.defn
     async def compile_dataset(self, inp: CompileInput) -> CompileOutput:
         """The tenant's feedback (joined with the interactions it rates) → JSONL datasets."""
+        records: list[trainer.FeedbackRecord] = []
+        budget, left_out = MAX_COMPILE_BYTES, 0
         async with self.sessionmaker() as session:
-            rows = await session.execute(
+            # Newest first, streamed, within a row and a byte budget: one tenant's flood of
+            # feedback cannot hold a worker's memory, and what is left out is the oldest.
+            rows = await session.stream(
                 select(Feedback, Interaction)
                 .outerjoin(Interaction, Interaction.id == Feedback.interaction_id)
                 .where(Feedback.tenant_id == inp.tenant_id)
-                .order_by(Feedback.id)
+                .order_by(Feedback.id.desc())
+                .execution_options(yield_per=500)
             )
-            records = [r for r in (_record(fb, it) for fb, it in rows) if r is not None]
+            async for fb, it in rows:
+                record = _record(fb, it)
+                if record is None:
+                    continue
+                size = (
+                    _size(record.messages) + len(record.completion) + len(record.correction or "")
+                )
+                if len(records) >= MAX_COMPILE_RECORDS or size > budget:
+                    left_out += 1
+                    continue
+                budget -= size
+                records.append(record)
+            records.reverse()  # back to the order they came in: a later correction wins
             # The newest answers nobody rated: evaluation-only questions for the judge's win
             # rate (at half the answers rated, they double the questions it can be read on).
             rated = select(Feedback.id).where(Feedback.interaction_id == Interaction.id)
@@ -213,17 +237,23 @@ class PersonalizationActivities:
                     .limit(UNRATED_EVAL_PROMPTS)
                 )
             ).all()
+        questions = [c for c in map(_conversation, unrated) if c and _size(c) <= MAX_EVAL_PROMPT]
         try:
-            compiled = trainer.compile_feedback(
+            # Off the event loop: scrubbing and hashing megabytes is CPU work, and this worker's
+            # loop also runs every other tenant's activities.
+            compiled = await asyncio.to_thread(
+                trainer.compile_feedback,
                 records,
                 min_records=inp.min_feedback,
-                unrated=[c for c in map(_conversation, unrated) if c],
+                unrated=questions,
                 max_eval_prompts=UNRATED_EVAL_PROMPTS,
             )
         except (trainer.NotEnoughData, trainer.OneSidedFeedback) as exc:
             raise _business_error(exc, NOT_ENOUGH_DATA) from exc
+        if left_out:
+            compiled = replace(compiled, card=replace(compiled.card, records_left_out=left_out))
         out = self.run_dir(inp.tenant_id, inp.run_id) / "dataset"
-        trainer.write_jsonl(compiled, out)
+        await asyncio.to_thread(trainer.write_jsonl, compiled, out)
         card = compiled.card.to_dict()
         async with self.sessionmaker() as session:
             dataset = Dataset(
@@ -420,6 +450,10 @@ def _event(run: TrainingRun, level: str, type_: str, message: str, data: Any) ->
     return RunEvent(
         tenant_id=run.tenant_id, run_id=run.id, level=level, type=type_, message=message, data=data
     )
+
+
+def _size(messages: Sequence[Mapping[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
 
 
 def _conversation(messages: Any) -> list[dict[str, str]]:

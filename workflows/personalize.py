@@ -56,6 +56,13 @@ JUDGMENT_GATE = "judgment-gate"
 """Patch id: runs from this version on are gated by the judge, capability and intervals."""
 QUICK = timedelta(minutes=2)
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+# A compile that keeps failing fails the same way on the next try (its input is the tenant's
+# data): a few attempts, then the run fails and says why, instead of retrying forever.
+COMPILE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=4,
+)
 # What a run's ``progress`` says while it waits for an admin; every end of a run clears it.
 NOT_WAITING: dict[str, Any] = {"waiting_for": None, "waiting_until": None}
 
@@ -141,7 +148,7 @@ class PersonalizeTenant:
                 CompileInput(tenant, run_id, o.min_feedback),
                 task_queue=CPU_QUEUE,
                 start_to_close_timeout=timedelta(minutes=10),
-                retry_policy=RETRY,
+                retry_policy=COMPILE_RETRY,
             )
         except ActivityError as err:
             if _is(err, NOT_ENOUGH_DATA):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from trainer import (
     scrub_pii,
     write_jsonl,
 )
-from trainer.compiler import normalize_text, prompt_key
+from trainer.compiler import _EMAIL, _scrub_emails, normalize_text, prompt_key
 
 Factory = Callable[..., list[FeedbackRecord]]
 
@@ -152,6 +154,48 @@ def test_pii_is_scrubbed(text: str, kind: str) -> None:
     out = scrub_pii(text, counts)
     assert f"[{kind.upper()}]" in out
     assert counts[kind] == 1
+
+
+# What one product key could post to stall the compile: repeated prefixes of the secret, JWT and
+# e-mail patterns, which a backtracking pattern rescans from every start (8 KiB of "sk-" took
+# 140 ms, 64 KiB 13 s).
+ADVERSARIAL_UNITS = [
+    "sk-",
+    "sk-a",
+    "a.",
+    "1.",
+    "a-",
+    "+1-",
+    "a@",
+    "@a.",
+    "eyJaaaaaaaaaaaa.aaaa",
+    "1 (",
+]
+
+
+@pytest.mark.parametrize("unit", ADVERSARIAL_UNITS)
+def test_scrubbing_time_is_linear_in_adversarial_text(unit: str) -> None:
+    def seconds(n: int) -> float:
+        text = (unit * (n // len(unit) + 1))[:n]
+        t0 = time.perf_counter()
+        scrub_pii(text)
+        return time.perf_counter() - t0
+
+    small, big = seconds(16_000), seconds(256_000)
+    # 16x the text: linear work takes ~16x the time (measured 0.02-0.07 s for 64 KiB), quadratic
+    # work 256x. The absolute bound keeps a noisy machine from failing a linear scrubber.
+    assert big < 2.0, f"{unit!r}: 256 KB took {big:.2f} s"
+    assert big < 60 * max(small, 0.002), f"{unit!r}: {small:.4f} s -> {big:.4f} s"
+
+
+def test_linear_email_scrubbing_finds_what_the_pattern_finds() -> None:
+    # The scrubber matches around each "@" instead of running `_EMAIL` over the text; on random
+    # text made of the characters an address is made of, both replace exactly the same spans.
+    rng = random.Random(0)
+    alphabet = "ab1.@-_ +%xX\n("
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        assert _scrub_emails(text, Counter()) == _EMAIL.sub("[EMAIL]", text), text
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,16 @@
 """``tuneloop demo``: the whole loop on the embedded stack, through the public API, on traffic
 shaped like a real product's.
 
-Two tenants share the base model (SmolLM2-135M-Instruct by default). Their simulated users like
-different things: ``concise`` likes the shorter answers, ``prose`` likes plain prose (no lists);
-each tenant has five users with thresholds of their own, and every user also dislikes an answer
-that does not address the question. For each tenant the demo asks distinct questions once each
-through ``/v1/chat/completions``; half the answers get a thumb through ``/v1/feedback`` (one in
-ten flipped: users are not consistent). Then each tenant gets a personalization run with the
-default policy (Temporal: compile → train → judge → evaluate → gate → promote), and held-out
-questions, never asked before, are answered by the base model, by the base model with eight of the
-tenant's liked answers in the prompt ("few-shot", what a tenant could do without us) and by the
-run's adapter, judged by the same users.
+Two tenants share the base model (SmolLM2-135M-Instruct by default). ``plain``'s users like plain
+language (short sentences; five users with thresholds of their own, and every one also dislikes
+an answer that does not address the question); ``noise``'s users vote by coin flip, the tenant a
+gate must never promote for. For each tenant the demo asks distinct questions once each through
+``/v1/chat/completions``; half the answers get a thumb through ``/v1/feedback`` (one in ten
+flipped: users are not consistent). Then each tenant gets a personalization run with the default
+policy (Temporal: compile → train → judge → evaluate → gate → promote), and held-out questions,
+never asked before, are answered by the base model, by the base model with eight of the tenant's
+liked answers in the prompt ("few-shot", what a tenant could do without us) and by the run's
+adapter, judged by the same users.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ from tuneloop.simulation import (
 )
 from tuneloop.stack import embedded_stack, free_port
 
-TENANTS = ("concise", "prose")
+TENANTS = ("plain", "noise")
+"""One taste the gate should promote for and a coin-flip tenant it must refuse. Two tastes would
+not fit in 15 minutes of two CPU cores: every tenant's evaluation generates a few hundred
+answers (win rate, capability suite), and a coin's judge cannot decide, so its evaluation is
+short."""
 TRAFFIC = 120
 """Distinct questions each tenant's users ask (about half get a thumb)."""
 HELD_OUT = 30
@@ -149,6 +153,8 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
             )
             base_answers = None
             for t in TENANTS:
+                if PERSONAS[t].liked_when == "coin":
+                    continue  # a coin has no taste to measure
                 base_answers = await held_out_liked(
                     http,
                     keys[t],

@@ -16,7 +16,7 @@ import httpx
 from rich.table import Table
 
 from trainer.simulated_users import Persona, question_pool, simulate_thumbs
-from trainer.stats import Estimate, proportion
+from trainer.stats import Estimate, paired_difference, proportion
 
 FINISHED = ("succeeded", "failed", "cancelled", "skipped")
 FEW_SHOT = 8
@@ -47,6 +47,8 @@ class TenantResult:
     report: dict[str, Any] = field(default_factory=dict)
     liked: dict[str, Estimate] = field(default_factory=dict)
     """Held-out liked share by column: ``base``, ``few-shot``, ``adapter``."""
+    lift: Estimate | None = None
+    """Adapter minus base liked share, paired over the same held-out questions."""
     example: dict[str, str] = field(default_factory=dict)
     run_s: float = 0.0
 
@@ -64,6 +66,7 @@ class TenantResult:
             "run": {k: self.run.get(k) for k in ("id", "status", "reason", "adapter_version_id")},
             "run_s": round(self.run_s, 1),
             "liked": {k: v.to_dict() for k, v in self.liked.items()},
+            "lift": self.lift.to_dict() if self.lift else None,
             "judge": self.report.get("judge"),
             "ci": self.report.get("ci"),
             "capability": [
@@ -226,9 +229,14 @@ async def held_out_liked(
                 http, keys["product"], plain, model=version, max_tokens=max_tokens, temperature=0
             )
         ]
-    for name, texts in columns.items():
-        hits = sum(persona.likes(t, q) for q, t in zip(questions, texts, strict=True))
-        result.liked[name] = proportion(hits, len(questions))
+    hits = {
+        name: [float(persona.likes(t, q)) for q, t in zip(questions, texts, strict=True)]
+        for name, texts in columns.items()
+    }
+    for name, liked_or_not in hits.items():
+        result.liked[name] = proportion(sum(liked_or_not), len(questions))
+    if "adapter" in hits:
+        result.lift = paired_difference(hits["adapter"], hits["base"])
     if "adapter" in columns:
         result.example = {
             "question": questions[0],
@@ -302,6 +310,9 @@ def results_table(results: Sequence[TenantResult], title: str) -> Table:
             else "-"
         )
         liked = " → ".join(_pct(r.liked.get(k)) for k in ("base", "few-shot", "adapter"))
+        if r.lift is not None:
+            pts = [round(100 * x) for x in (r.lift.value, r.lift.low, r.lift.high)]
+            liked += f" ({pts[0]:+d} pts [{pts[1]:+d}, {pts[2]:+d}])"
         n = r.liked.get("base")
         table.add_row(
             f"{r.name} ({r.persona})",

@@ -14,12 +14,13 @@ by default). For each simulated tenant (:mod:`tuneloop.simulation`):
    tenant's liked answers in the prompt ("few-shot") and by the run's adapter, judged by the
    tenant's users with relevance.
 
-Personas are ``concise``, ``bullets`` and ``prose`` by default; ``noise`` tenants vote by coin
-flip, one per ``--noise-seeds`` seed, and must never be promoted. Prints the table and writes
-JSON to ``tests/bench/results/``. Run on purpose, not in the suite::
+Personas are ``plain``, ``prose`` and ``bullets`` by default (``concise`` measures words, and
+nearly every SmolLM2 answer runs into the 96-token cap, so its users judge cut-off lengths);
+``noise`` tenants vote by coin flip, one per ``--noise-seeds`` seed, and must never be promoted.
+Prints the table and writes JSON to ``tests/bench/results/``. Run on purpose, not in the suite::
 
     .venv/bin/python -m tests.bench.personalization                      # the full run
-    .venv/bin/python -m tests.bench.personalization --personas concise --noise-seeds 1
+    .venv/bin/python -m tests.bench.personalization --personas plain --noise-seeds 1
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
-    parser.add_argument("--personas", type=lambda s: s.split(","), default="concise,bullets,prose")
+    parser.add_argument("--personas", type=lambda s: s.split(","), default="plain,prose,bullets")
     parser.add_argument("--noise-seeds", type=int, default=5)
     parser.add_argument("--traffic", type=int, default=240, help="questions per tenant")
     parser.add_argument("--held-out", type=int, default=60)

@@ -25,4 +25,4 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     assert out.count("succeeded: ") + out.count("skipped: ") == 2, out[-4000:]
     assert "failed: " not in out and "Traceback" not in out, out[-4000:]
     assert "Temporal UI: http://127.0.0.1:" in out
-    assert "/dashboard" in out and "concise: tl_a" in out
+    assert "/dashboard" in out and "plain: tl_a" in out

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from trainer.control_tokens import neutralize_control_tokens
 from trainer.errors import InvalidFeedback, NotEnoughData, OneSidedFeedback
 
 __all__ = [
@@ -276,6 +277,11 @@ def normalize_text(text: str) -> str:
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+def _clean(text: str, pii: Counter[str]) -> str:
+    """What training may see of a text: PII scrubbed, control tokens neutralized, normalized."""
+    return normalize_text(neutralize_control_tokens(scrub_pii(text, pii)))
+
+
 def prompt_key(messages: Sequence[Mapping[str, str]]) -> str:
     """A stable hex key of a (normalized) conversation prefix."""
     canonical = json.dumps(
@@ -452,14 +458,9 @@ def compile_feedback(
     empty = 0
 
     for rec in records:
-        messages = [
-            {"role": m["role"], "content": normalize_text(scrub_pii(m["content"], pii))}
-            for m in rec.messages
-        ]
-        completion = normalize_text(scrub_pii(rec.completion, pii))
-        correction = (
-            normalize_text(scrub_pii(rec.correction, pii)) if rec.correction is not None else None
-        )
+        messages = [{"role": m["role"], "content": _clean(m["content"], pii)} for m in rec.messages]
+        completion = _clean(rec.completion, pii)
+        correction = _clean(rec.correction, pii) if rec.correction is not None else None
         if not completion or not any(m["content"] for m in messages):
             empty += 1  # nothing left after normalization: nothing to learn from
             continue
@@ -548,10 +549,7 @@ def compile_feedback(
     for conversation in unrated:
         if len(eval_prompts) >= max_eval_prompts:
             break
-        messages = [
-            {"role": m["role"], "content": normalize_text(scrub_pii(m["content"], pii))}
-            for m in conversation
-        ]
+        messages = [{"role": m["role"], "content": _clean(m["content"], pii)} for m in conversation]
         key = prompt_key(messages)
         if key not in seen_keys and any(m["content"] for m in messages):
             seen_keys.add(key)

@@ -37,6 +37,7 @@ from serving.types import (
     Served,
     ServingBackend,
 )
+from trainer.control_tokens import neutralize_control_tokens
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 # The route-specific errors (the shared ones are documented by api.errors).
@@ -60,6 +61,12 @@ STREAM = {
 }
 
 
+def _neutralized(message: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(message.get("content"), str):
+        message["content"] = neutralize_control_tokens(message["content"])
+    return message
+
+
 def _generation_request(
     body: ChatCompletionRequest | CompletionRequest, resolved: Resolved, *, fallback_to_base: bool
 ) -> GenerationRequest:
@@ -74,7 +81,9 @@ def _generation_request(
         raise InvalidInput("stream=true answers one choice: set n=1", details={"field": "n"})
     return GenerationRequest(
         adapter=resolved.adapter,
-        messages=[m.model_dump(exclude_none=True) for m in body.messages]
+        # A user's text never becomes template structure (a forged system turn): see
+        # trainer.control_tokens. The interaction records what the model was given.
+        messages=[_neutralized(m.model_dump(exclude_none=True)) for m in body.messages]
         if isinstance(body, ChatCompletionRequest)
         else None,
         prompt=body.prompt if isinstance(body, CompletionRequest) else None,

@@ -195,6 +195,19 @@ class Orchestrator:
         except ScheduleAlreadyRunningError:
             await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
 
+    async def pause_schedule(self, tenant_id: str, *, paused: bool, note: str) -> None:
+        """Pause (or resume) the tenant's Temporal Schedule, if it has one: a suspended
+        tenant's schedule stops firing (and ``start_run`` refuses any run that still starts)."""
+        handle = (await self.client()).get_schedule_handle(schedule_id(tenant_id))
+        try:
+            if paused:
+                await handle.pause(note=note)
+            else:
+                await handle.unpause(note=note)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+
     async def maybe_auto_start(self, sessionmaker: Any, tenant_id: str) -> None:
         """Start a run when ``auto_train_after`` feedback items arrived since the last run.
 

@@ -73,3 +73,9 @@ class BillingSuspended(DomainError):
 
     code = "billing_suspended"
     status = 402
+
+
+class TenantSuspended(PermissionDenied):
+    """The operator suspended the tenant: its keys and its runs are refused until reactivated."""
+
+    code = "tenant_suspended"

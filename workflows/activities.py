@@ -23,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 import trainer
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig, check_training_allowed
-from core.errors import BillingSuspended, BudgetExceeded
+from core.errors import BillingSuspended, BudgetExceeded, TenantSuspended
 from core.ids import new_id
 from core.models import (
     AdapterStatus,
@@ -33,6 +33,8 @@ from core.models import (
     Interaction,
     RunEvent,
     RunStatus,
+    Tenant,
+    TenantStatus,
     TrainingRun,
 )
 from core.usage import TRAINING_TOKENS, record_usage
@@ -68,7 +70,9 @@ NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
 RUN_IN_PROGRESS = "RunInProgress"
 BILLING_REFUSED = "BillingRefused"
-"""The tenant's subscription lapsed or the run would pass its budget (runs a schedule fired)."""
+"""The run may not start (runs a schedule fired): the operator suspended the tenant, its
+subscription lapsed, or the run would pass its budget. (The name predates suspension; recorded
+histories carry it.)"""
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -131,12 +135,19 @@ class PersonalizationActivities:
                     session.add(_event(run, "info", "message", f"run skipped: {reason}", None))
                     await session.commit()
                     raise ApplicationError(reason, run.id, type=RUN_IN_PROGRESS, non_retryable=True)
-                # Scheduled runs reach no API check: billing is enforced here for every run.
+                # Scheduled runs reach no API check (where a suspended tenant's keys are
+                # refused): suspension and billing are enforced here for every run.
+                tenant = await session.get(Tenant, inp.tenant_id)
                 try:
+                    if tenant is not None and tenant.status is TenantStatus.suspended:
+                        raise TenantSuspended(
+                            "the operator suspended this tenant: its runs are refused until "
+                            "it is reactivated"
+                        )
                     await check_training_allowed(
                         session, tenant_id=inp.tenant_id, config=self.billing
                     )
-                except (BillingSuspended, BudgetExceeded) as exc:
+                except (TenantSuspended, BillingSuspended, BudgetExceeded) as exc:
                     run.status, run.reason, run.finished_at = RunStatus.skipped, exc.message, _now()
                     session.add(_event(run, "warn", "message", f"run skipped: {exc.message}", None))
                     await session.commit()

@@ -8,6 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.deps import PlatformDep, PrincipalCacheDep, SessionDep
+from api.orchestration import Orchestrator
 from api.schemas import (
     KeyCreated,
     KeyOut,
@@ -19,6 +20,8 @@ from api.schemas import (
 )
 from core import tenants
 from core.keys import IssuedKey
+from core.models import TenantStatus
+from core.policy import policy_of
 from core.stripe_billing import StripeBilling
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -90,13 +93,22 @@ async def get_tenant(tenant_id: str, session: SessionDep, _: PlatformDep) -> Ten
 async def update_tenant(
     tenant_id: str,
     body: TenantPatch,
+    request: Request,
     session: SessionDep,
     _: PlatformDep,
     cache: PrincipalCacheDep,
 ) -> TenantOut:
-    """Rename, suspend (``status: suspended``) or reactivate a tenant."""
+    """Rename, suspend (``status: suspended``) or reactivate a tenant. Suspending pauses the
+    tenant's run schedule; reactivating resumes it."""
     tenant = await tenants.update_tenant(
         session, tenant_id=tenant_id, name=body.name, status=body.status
     )
     cache.forget(tenant_id=tenant.id)
+    if body.status is not None and policy_of(tenant.policy).schedule is not None:
+        orchestrator: Orchestrator = request.app.state.orchestrator
+        await orchestrator.pause_schedule(
+            tenant.id,
+            paused=body.status is TenantStatus.suspended,
+            note=f"tenant {body.status.value} by the operator",
+        )
     return TenantOut.of(tenant)

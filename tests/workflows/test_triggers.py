@@ -7,10 +7,13 @@ import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from tests.conftest import TenantKeys
+from core.db import create_sessionmaker
+from core.models import RunStatus, TrainingRun
+from tests.conftest import Backend, TenantKeys
 from tests.workflows.conftest import setup_tenant, thumbs, wait_for_run
 from workflows.contracts import schedule_id
 
@@ -67,3 +70,41 @@ async def test_enough_new_feedback_starts_a_run(
     run = await _first_run(loop_client, t)
     assert run["trigger"] == "feedback"
     assert (await wait_for_run(loop_client, t, run["id"]))["status"] == "succeeded"
+
+
+async def test_suspending_a_tenant_pauses_its_schedule_and_refuses_its_runs(
+    loop_client: httpx.AsyncClient,
+    make_tenant,
+    platform_key: str,
+    backend: Backend,
+    tclient: Client,  # type: ignore[no-untyped-def]
+) -> None:
+    t = await make_tenant()
+    await setup_tenant(loop_client, t, schedule="0 3 * * *")
+    handle = tclient.get_schedule_handle(schedule_id(t.id))
+    operator = {"Authorization": f"Bearer {platform_key}"}
+
+    async def set_status(status: str) -> None:
+        r = await loop_client.patch(
+            f"/v1/tenants/{t.id}", headers=operator, json={"status": status}
+        )
+        assert r.status_code == 200, r.text
+
+    await set_status("suspended")
+    assert (await handle.describe()).schedule.state.paused
+    await handle.trigger()  # a run that starts anyway (an operator's trigger) is refused
+    # The tenant's own keys are refused while it is suspended: watch its runs in the database.
+    deadline = time.monotonic() + 60
+    async with create_sessionmaker(backend.engine)() as session:
+        while not await session.scalar(
+            select(TrainingRun.id).where(
+                TrainingRun.tenant_id == t.id, TrainingRun.status != RunStatus.queued
+            )
+        ):
+            assert time.monotonic() < deadline, "the triggered run never got past start_run"
+            await asyncio.sleep(0.5)
+    await set_status("active")
+    assert not (await handle.describe()).schedule.state.paused
+    run = await wait_for_run(loop_client, t, (await _first_run(loop_client, t))["id"])
+    assert run["status"] == "skipped" and "suspended" in run["reason"], run
+    assert (await loop_client.get("/v1/adapters", headers=t.auth("admin"))).json()["data"] == []

@@ -15,6 +15,7 @@ from api.errors import error_response, install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.orchestration import Orchestrator
 from api.routers import adapters, billing, feedback, health, inference, keys, runs, tenants
+from api.security_headers import SecurityHeaders
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig, InferenceGate
 from core.db import create_engine, create_sessionmaker
@@ -140,6 +141,7 @@ def create_app(
     for module in (health, tenants, keys, feedback, inference, adapters, runs, billing):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     # Outermost, so refusals by the body limit are counted too.
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

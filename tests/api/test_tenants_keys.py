@@ -27,6 +27,8 @@ async def test_create_tenant_returns_keys_once(
         json={"slug": f"acme-{secrets.token_hex(4)}", "name": "Acme"},
     )
     assert r.status_code == 201, r.text
+    # A response that carries a key is kept by no cache.
+    assert r.headers["cache-control"] == "no-store"
     body = r.json()
     assert body["tenant"]["name"] == "Acme" and body["tenant"]["status"] == "active"
     admin, product = body["admin_key"], body["product_key"]
@@ -101,7 +103,7 @@ async def test_key_lifecycle(client: httpx.AsyncClient, tenant: TenantKeys) -> N
     r = await client.post(
         "/v1/keys", headers=tenant.auth("admin"), json={"role": "product", "name": "mobile app"}
     )
-    assert r.status_code == 201
+    assert r.status_code == 201 and r.headers["cache-control"] == "no-store"
     new = r.json()
     fb = {"prompt": "p", "completion": "c", "rating": "up"}
     assert (
@@ -140,3 +142,16 @@ async def test_keys_never_reach_the_logs(
     text = "\n".join(r.getMessage() for r in caplog.records)
     secret_part = tenant.admin.split("_", 2)[2]
     assert secret_part not in text and tenant.product.split("_", 2)[2] not in text
+
+
+async def test_dashboard_pages_cannot_be_framed_or_run_foreign_scripts(
+    client: httpx.AsyncClient,
+) -> None:
+    page = await client.get("/dashboard/login")
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    static = await client.get("/dashboard/static/live.js")
+    assert static.status_code == 200 and "content-security-policy" not in static.headers

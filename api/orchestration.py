@@ -89,8 +89,11 @@ class Orchestrator:
                 try:
                     self._client = await Client.connect(self.address)
                 except (RuntimeError, OSError) as exc:
+                    # The address is the operator's business, not a client's: it goes to the log.
+                    log.warning("cannot reach Temporal at %s: %s", self.address, exc)
                     raise Unavailable(
-                        f"cannot reach Temporal at {self.address}: {exc}",
+                        "cannot reach the orchestration service (Temporal); retry later, or "
+                        "ask the operator (the API's log says why)",
                         code="orchestration_unavailable",
                     ) from exc
         return self._client

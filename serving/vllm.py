@@ -286,8 +286,9 @@ class VllmPoolBackend:
             except _ReplicaDown:
                 continue
             except _ModelMissing as exc:  # the base model always exists on a healthy replica
+                log.warning("vLLM replica %s does not serve the base model", replica.url)
                 raise Unavailable(
-                    f"{replica.url} does not serve the base model", code="serving_unavailable"
+                    "a vLLM replica does not serve the base model", code="serving_unavailable"
                 ) from exc
         raise Unavailable("no vLLM replica is reachable", code="serving_unavailable")
 
@@ -341,7 +342,8 @@ class VllmPoolBackend:
             models = await self._models(replica)
             bases = [m["id"] for m in models if m.get("parent") is None]
             if not bases:
-                raise Unavailable(f"{replica.url} lists no base model", code="serving_unavailable")
+                log.warning("vLLM replica %s lists no base model", replica.url)
+                raise Unavailable("a vLLM replica lists no base model", code="serving_unavailable")
             replica.base_name = bases[0]
         return replica.base_name
 
@@ -359,7 +361,8 @@ class VllmPoolBackend:
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
             # It accepted the request but is slow: another replica would not be faster, and
             # marking it dead would move all of its adapters.
-            return Unavailable(f"{replica.url} timed out", code="serving_unavailable")
+            log.warning("vLLM replica %s timed out", replica.url)
+            return Unavailable("a vLLM replica timed out", code="serving_unavailable")
         log.warning("vLLM replica %s is unreachable (%s): marking it dead", replica.url, exc)
         replica.dead_until = time.monotonic() + self.retry_dead_after
         # It may come back restarted, without our adapters: load them again then.
@@ -383,10 +386,11 @@ def _raise_for_status(replica: _Replica, response: httpx.Response) -> None:
         # The gateway validated the parameters; what is left is what only the engine knows
         # (e.g. prompt plus max_tokens longer than the model's context).
         raise InvalidInput(_error_message(response), code="invalid_request")
-    raise Unavailable(
-        f"{replica.url} answered HTTP {status}: {_error_message(response)}",
-        code="serving_unavailable",
+    # Replica addresses and the engine's own words (paths, internals) go to the log only.
+    log.warning(
+        "vLLM replica %s answered HTTP %s: %s", replica.url, status, _error_message(response)
     )
+    raise Unavailable(f"a vLLM replica answered HTTP {status}", code="serving_unavailable")
 
 
 def _error_message(response: httpx.Response) -> str:

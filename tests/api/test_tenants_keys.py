@@ -9,6 +9,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from api.app import create_app
 from core.db import create_sessionmaker
 from core.models import ApiKey
 from tests.conftest import Backend, TenantKeys
@@ -155,3 +156,21 @@ async def test_dashboard_pages_cannot_be_framed_or_run_foreign_scripts(
     assert page.headers["x-content-type-options"] == "nosniff"
     static = await client.get("/dashboard/static/live.js")
     assert static.status_code == 200 and "content-security-policy" not in static.headers
+
+
+async def test_errors_name_no_internal_address(
+    backend: Backend, tenant: TenantKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Temporal's address is the operator's business: the client hears that orchestration is
+    # down, the log says where.
+    settings = backend.settings.model_copy(update={"temporal_address": "127.0.0.1:1"})
+    app = create_app(settings, engine=backend.engine)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test"
+    ) as c:
+        with caplog.at_level(logging.WARNING, logger="api.orchestration"):
+            r = await c.post("/v1/runs", headers=tenant.auth("admin"), json={})
+    await app.state.backend.close()
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "orchestration_unavailable")
+    assert "127.0.0.1:1" not in r.text and "Temporal" in r.json()["error"]["message"]
+    assert "127.0.0.1:1" in caplog.text

@@ -163,6 +163,21 @@ class ApiSettings(Settings):
     )
     """Signs dashboard session cookies. Unset: a random secret is made once and kept in the data
     dir, so restarts keep sessions; set it when several API processes share no data dir."""
+
+    @field_validator("session_secret")
+    @classmethod
+    def _real_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Whoever knows the secret can forge any tenant admin's dashboard session: refuse the
+        # example file's placeholder and anything short enough to guess.
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if "change-me" in secret.lower() or len(secret) < 32:
+            raise ValueError(
+                "TUNELOOP_SESSION_SECRET must be a random secret of at least 32 characters, not "
+                "the example's placeholder (e.g. openssl rand -base64 48)"
+            )
+        return value
     session_hours: float = Field(
         default=12,
         gt=0,

@@ -63,6 +63,17 @@ def test_configured_database_must_be_migrated(tmp_path: Path) -> None:
     assert r.returncode == 2 and "DATABASE_URL" in r.stderr
 
 
+def test_the_example_session_secret_is_refused(tmp_path: Path) -> None:
+    # infra/.env.example's placeholder, copied unchanged, would let anyone forge sessions.
+    env = tuneloop_env(tmp_path)
+    placeholder = (Path(__file__).parents[2] / "infra/.env.example").read_text()
+    assert "TUNELOOP_SESSION_SECRET=change-me" in placeholder
+    for weak in ("change-me-to-64-random-characters", "short"):
+        r = run(["api"], {**env, "TUNELOOP_SESSION_SECRET": weak})
+        assert r.returncode != 0 and "TUNELOOP_SESSION_SECRET" in r.stderr, r.stderr
+        assert weak not in r.stderr  # a secret is never echoed
+
+
 def test_live_api_over_http(tmp_path: Path, backend: Backend) -> None:
     env = tuneloop_env(tmp_path, backend.url)
     made = json.loads(

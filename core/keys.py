@@ -126,6 +126,10 @@ async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> A
     if key.revoked_at is not None:
         return key
     if key.role is KeyRole.admin:
+        # Two admins revoking each other's keys at once must not leave the tenant with none:
+        # the tenant's row is locked while its admin keys are counted (SQLite serializes
+        # writers anyway and ignores FOR UPDATE).
+        await session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
         admins = await session.scalar(
             select(func.count())
             .select_from(ApiKey)

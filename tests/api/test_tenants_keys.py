@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 
@@ -11,7 +12,9 @@ from sqlalchemy import select
 
 from api.app import create_app
 from core.db import create_sessionmaker
-from core.models import ApiKey
+from core.errors import Conflict
+from core.keys import create_key, revoke_key
+from core.models import ApiKey, KeyRole
 from tests.conftest import Backend, TenantKeys
 
 
@@ -124,6 +127,29 @@ async def test_key_lifecycle(client: httpx.AsyncClient, tenant: TenantKeys) -> N
     assert r.status_code == 409 and r.json()["error"]["code"] == "last_admin_key"
     r = await client.post("/v1/keys", headers=tenant.auth("admin"), json={"role": "platform"})
     assert r.status_code == 422
+
+
+async def test_two_admins_revoking_each_other_at_once_leave_one(
+    backend: Backend, tenant: TenantKeys
+) -> None:
+    if backend.name != "postgres":
+        pytest.skip("the row lock is PostgreSQL's; SQLite lets one writer at a time anyway")
+    maker = create_sessionmaker(backend.engine)
+    async with maker() as s:
+        other = await create_key(s, tenant_id=tenant.id, role=KeyRole.admin)
+        await s.commit()
+    async with maker() as first, maker() as second:
+        await revoke_key(first, tenant_id=tenant.id, key_id=other.row.id)  # not yet committed
+        racing = asyncio.create_task(
+            revoke_key(second, tenant_id=tenant.id, key_id=tenant.admin_key_id)
+        )
+        await asyncio.sleep(0.5)
+        # Without the lock, the second count would not see the first revocation and both
+        # would go through: a tenant with no admin key.
+        assert not racing.done(), "the second revocation did not wait for the first"
+        await first.commit()
+        with pytest.raises(Conflict):
+            await racing
 
 
 async def test_health(client: httpx.AsyncClient) -> None:

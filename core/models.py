@@ -158,6 +158,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sessions_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Dashboard sessions this key opened before this moment are over (set by logging out)."""
 
 
 class Interaction(Base):

@@ -178,6 +178,7 @@ class ApiSettings(Settings):
                 "the example's placeholder (e.g. openssl rand -base64 48)"
             )
         return value
+
     session_hours: float = Field(
         default=12,
         gt=0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import secrets
 import socket
 import sys
@@ -227,3 +228,17 @@ def short_or_long(rng: random.Random, *, short: bool) -> str:
     """A made-up answer: 2-5 words, or 30-50 (the judgment tests' users like the short ones)."""
     n = rng.randint(2, 5) if short else rng.randint(30, 50)
     return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+async def dashboard_login(
+    c: httpx.AsyncClient, key: str, *, next: str | None = None
+) -> httpx.Response:
+    """Log in as a browser does: the login page first (its form token and cookie), then the
+    form."""
+    page = await c.get("/dashboard/login")
+    found = re.search(r'name="login_token" value="([^"]+)"', page.text)
+    assert found, page.text
+    data = {"key": key, "login_token": found.group(1)}
+    if next is not None:
+        data["next"] = next
+    return await c.post("/dashboard/login", data=data)

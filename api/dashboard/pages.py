@@ -13,7 +13,7 @@ import logging
 import math
 import posixpath
 from collections.abc import Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import quote, urlsplit
@@ -48,6 +48,7 @@ from core.errors import DomainError, InvalidInput, NotFound, PermissionDenied, U
 from core.feedback import feedback_stats, list_feedback
 from core.models import (
     AdapterVersion,
+    ApiKey,
     Dataset,
     KeyRole,
     RunEvent,
@@ -234,9 +235,19 @@ def back_to(path: str, notice: str) -> RedirectResponse:
 
 @router.get("/login")
 async def login_page(request: Request, next: str = "/dashboard") -> HTMLResponse:
-    return TEMPLATES.TemplateResponse(
-        request, "login.html", {"s": None, "next": _safe_next(next), "error": None}
+    return _login_form(request, next=next, error=None, status=200)
+
+
+def _login_form(request: Request, *, next: str, error: str | None, status: int) -> HTMLResponse:
+    token = codec(request).login_form_token(request)
+    page = TEMPLATES.TemplateResponse(
+        request,
+        "login.html",
+        {"s": None, "next": _safe_next(next), "error": error, "login_token": token},
+        status_code=status,
     )
+    codec(request).remember_login_form(page, token)
+    return page
 
 
 def _safe_next(target: str) -> str:
@@ -256,18 +267,22 @@ async def login(
     db: SessionDep,
     key: Annotated[str, Form(max_length=200)] = "",
     next: Annotated[str, Form(max_length=500)] = "/dashboard",
+    login_token: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
+    if not codec(request).login_form_ok(request, login_token):
+        # Another site's form (or one older than an hour): never log a browser in from it.
+        return _login_form(
+            request,
+            next=next,
+            error="this login form is out of date or did not come from the dashboard; log in again",
+            status=403,
+        )
     try:
         principal = await keys.authenticate(db, key.strip())
         if principal.role is KeyRole.product:
             raise PermissionDenied("product keys call the API only; log in with a tenant admin key")
     except (Unauthenticated, PermissionDenied) as exc:
-        return TEMPLATES.TemplateResponse(
-            request,
-            "login.html",
-            {"s": None, "next": _safe_next(next), "error": exc.message},
-            status_code=exc.status,
-        )
+        return _login_form(request, next=next, error=exc.message, status=exc.status)
     session = new_session(
         key_id=principal.key_id, role=principal.role, tenant_id=principal.tenant_id
     )
@@ -279,7 +294,12 @@ async def login(
 
 
 @router.post("/logout")
-async def logout(request: Request, _: CheckedUser) -> Response:
+async def logout(request: Request, db: SessionDep, s: CheckedUser) -> Response:
+    # On the server: a copy of this cookie (or any other session this key opened) is over too.
+    key = await db.get(ApiKey, s.key_id)
+    if key is not None:
+        key.sessions_valid_after = datetime.now(UTC)
+        await db.commit()
     response = RedirectResponse("/dashboard/login", status_code=303)
     codec(request).clear(response)
     return response

@@ -1,9 +1,13 @@
 """Dashboard sessions: a signed, HttpOnly cookie that names the key that logged in.
 
-The cookie holds the key's id (never the key), the tenant being viewed and a CSRF token. Every
-request re-reads the key row, so revoking the key or suspending the tenant ends the session at
-once. itsdangerous signs and timestamps the cookie; the secret comes from the settings or is made
-once and kept in the data dir.
+The cookie holds the key's id (never the key), the tenant being viewed, a CSRF token and when it
+was issued. Every request re-reads the key row, so revoking the key, suspending the tenant or
+logging out (which ends every dashboard session the key opened until then, on the server, not
+only in this browser) ends the session at once. itsdangerous signs and timestamps the cookie;
+the secret comes from the settings or is made once and kept in the data dir.
+
+The login form carries a token of its own, matched against a ``SameSite=Strict`` cookie set with
+the form: another site cannot post its own key into it and log a visitor in as someone else.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +27,9 @@ from core.models import ApiKey, KeyRole, Tenant, TenantStatus
 from core.settings import ApiSettings
 
 COOKIE = "tuneloop_session"
+LOGIN_COOKIE = "tuneloop_login"
 CSRF_FIELD = "csrf_token"
+LOGIN_FORM_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class DashboardSession:
     tenant_id: str | None
     """The tenant on screen: the key's own, or the one a platform key switched to."""
     csrf: str
+    issued_at: float = 0.0
+    """When the login happened (seconds since the epoch)."""
 
     @property
     def is_platform(self) -> bool:
@@ -58,6 +67,7 @@ def _secret(settings: ApiSettings) -> str:
 class SessionCodec:
     def __init__(self, settings: ApiSettings) -> None:
         self._signer = URLSafeTimedSerializer(_secret(settings), salt="tuneloop-dashboard")
+        self._login = URLSafeTimedSerializer(_secret(settings), salt="tuneloop-dashboard-login")
         self.max_age = int(settings.session_hours * 3600)
         self.secure = settings.cookie_secure
 
@@ -72,6 +82,7 @@ class SessionCodec:
                 role=KeyRole(data["r"]),
                 tenant_id=data["t"],
                 csrf=str(data["c"]),
+                issued_at=float(data.get("i", 0.0)),
             )
         except (BadSignature, KeyError, ValueError, TypeError):
             return None
@@ -83,6 +94,7 @@ class SessionCodec:
                 "r": session.role.value,
                 "t": session.tenant_id,
                 "c": session.csrf,
+                "i": session.issued_at,
             }
         )
         response.set_cookie(
@@ -98,10 +110,46 @@ class SessionCodec:
     def clear(self, response: Response) -> None:
         response.delete_cookie(COOKIE, path="/dashboard")
 
+    def login_form_token(self, request: Request) -> str:
+        """The login form's token: the browser's current one, or a new one."""
+        return self._login_cookie(request) or secrets.token_urlsafe(24)
+
+    def remember_login_form(self, response: Response, token: str) -> None:
+        response.set_cookie(
+            LOGIN_COOKIE,
+            self._login.dumps(token),
+            max_age=LOGIN_FORM_SECONDS,
+            httponly=True,
+            samesite="strict",  # never sent with another site's post
+            secure=self.secure,
+            path="/dashboard",
+        )
+
+    def login_form_ok(self, request: Request, presented: str | None) -> bool:
+        expected = self._login_cookie(request)
+        return (
+            expected is not None
+            and presented is not None
+            and hmac.compare_digest(expected, presented)
+        )
+
+    def _login_cookie(self, request: Request) -> str | None:
+        raw = request.cookies.get(LOGIN_COOKIE)
+        if not raw:
+            return None
+        try:
+            return str(self._login.loads(raw, max_age=LOGIN_FORM_SECONDS))
+        except BadSignature:
+            return None
+
 
 def new_session(*, key_id: str, role: KeyRole, tenant_id: str | None) -> DashboardSession:
     return DashboardSession(
-        key_id=key_id, role=role, tenant_id=tenant_id, csrf=secrets.token_urlsafe(24)
+        key_id=key_id,
+        role=role,
+        tenant_id=tenant_id,
+        csrf=secrets.token_urlsafe(24),
+        issued_at=time.time(),
     )
 
 
@@ -118,6 +166,9 @@ async def still_valid(db: AsyncSession, session: DashboardSession) -> bool:
     key = await db.get(ApiKey, session.key_id)
     if key is None or key.revoked_at is not None or key.role is not session.role:
         return False
+    ended = key.sessions_valid_after
+    if ended is not None and session.issued_at <= ended.timestamp():
+        return False  # logged out since
     if key.role is not KeyRole.platform and key.tenant_id != session.tenant_id:
         return False
     if session.tenant_id is None:

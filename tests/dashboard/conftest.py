@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
-from tests.conftest import Backend
+from tests.conftest import Backend, dashboard_login
 
 # The real Temporal dev server and a worker on both queues, for the browser test's runs.
 from tests.workflows.conftest import temporal, worker  # noqa: F401
@@ -43,7 +43,7 @@ async def login(dashboard_app: FastAPI) -> AsyncIterator[Session]:
             transport=httpx.ASGITransport(app=dashboard_app), base_url="http://tuneloop.test"
         )
         clients.append(c)
-        r = await c.post("/dashboard/login", data={"key": key})
+        r = await dashboard_login(c, key)
         assert r.status_code == 303, r.text
         return c
 

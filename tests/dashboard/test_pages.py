@@ -11,7 +11,7 @@ import pytest
 
 from core.db import create_sessionmaker
 from core.models import AdapterStatus, AdapterVersion, Dataset, RunEvent, RunStatus, TrainingRun
-from tests.conftest import Backend, TenantKeys
+from tests.conftest import Backend, TenantKeys, dashboard_login
 from tests.dashboard.conftest import Session, csrf_of
 
 PAGES = [
@@ -134,9 +134,7 @@ async def test_login_sets_a_safe_session_cookie(anonymous: httpx.AsyncClient, te
     page = await anonymous.get(r.headers["location"])
     assert page.status_code == 200 and "Log in" in page.text
 
-    r = await anonymous.post(
-        "/dashboard/login", data={"key": tenant.admin, "next": "/dashboard/runs"}
-    )
+    r = await dashboard_login(anonymous, tenant.admin, next="/dashboard/runs")
     assert r.status_code == 303 and r.headers["location"] == "/dashboard/runs"
     cookie = r.headers["set-cookie"].lower()
     for flag in ("httponly", "samesite=lax", "path=/dashboard", "max-age="):
@@ -156,25 +154,34 @@ async def test_login_sets_a_safe_session_cookie(anonymous: httpx.AsyncClient, te
 async def test_bad_logins_say_why(
     anonymous: httpx.AsyncClient, key: str, status: int, message: str
 ):
-    r = await anonymous.post("/dashboard/login", data={"key": key})
+    r = await dashboard_login(anonymous, key)
     assert r.status_code == status
     assert message in r.text and "<form" in r.text
-    assert "set-cookie" not in r.headers
+    assert "tuneloop_session" not in r.headers.get("set-cookie", "")
+
+
+async def test_another_sites_login_form_logs_nobody_in(
+    anonymous: httpx.AsyncClient, tenant: TenantKeys
+):
+    # Login CSRF: a page elsewhere posts the attacker's key to log the visitor in as the
+    # attacker. Its post carries no form token (and the browser sends no SameSite=Strict cookie).
+    for data in ({"key": tenant.admin}, {"key": tenant.admin, "login_token": "guessed"}):
+        r = await anonymous.post("/dashboard/login", data=data)
+        assert r.status_code == 403 and "did not come from the dashboard" in r.text
+        assert "tuneloop_session" not in r.headers.get("set-cookie", "")
 
 
 async def test_product_keys_and_open_redirects_are_refused(
     anonymous: httpx.AsyncClient, tenant: TenantKeys
 ):
-    r = await anonymous.post("/dashboard/login", data={"key": tenant.product})
+    r = await dashboard_login(anonymous, tenant.product)
     assert r.status_code == 403 and "log in with a tenant admin key" in r.text
     outside = ["https://evil.example/", "//evil.example", "/dashboard/../v1/keys"]
     outside += ["/dashboard//evil.example", "/dashboardx", "/dashboard/./runs", "\\evil"]
     for target in outside:
-        r = await anonymous.post("/dashboard/login", data={"key": tenant.admin, "next": target})
+        r = await dashboard_login(anonymous, tenant.admin, next=target)
         assert r.headers["location"] == "/dashboard", target
-    r = await anonymous.post(
-        "/dashboard/login", data={"key": tenant.admin, "next": "/dashboard/runs"}
-    )
+    r = await dashboard_login(anonymous, tenant.admin, next="/dashboard/runs")
     assert r.headers["location"] == "/dashboard/runs"
 
 
@@ -396,9 +403,18 @@ async def test_tampered_or_foreign_cookies_are_ignored(
 
 async def test_logout(login: Session, tenant: TenantKeys):
     c = await login(tenant.admin)
+    other_browser = await login(tenant.admin)
+    stolen = c.cookies.get("tuneloop_session", path="/dashboard")
     r = await form(c, "/dashboard", "/dashboard/logout")
     assert r.status_code == 303 and r.headers["location"] == "/dashboard/login"
     assert (await c.get("/dashboard")).status_code == 303
+    # Ended on the server, not only in this browser: a copy of the cookie and the key's other
+    # sessions are over too; logging in again works at once.
+    c.cookies.set("tuneloop_session", stolen, path="/dashboard")
+    assert (await c.get("/dashboard")).status_code == 303
+    assert (await other_browser.get("/dashboard")).status_code == 303
+    again = await login(tenant.admin)
+    assert (await again.get("/dashboard")).status_code == 200
 
 
 async def test_starting_a_run_without_orchestration_is_a_readable_error(

@@ -29,7 +29,7 @@ from core.models import ApiKey, RunStatus, TrainingRun
 from core.settings import ApiSettings
 from serving import registry
 from serving.names import serving_name
-from tests.conftest import Backend, TenantKeys
+from tests.conftest import Backend, TenantKeys, dashboard_login
 
 pytestmark = pytest.mark.reliability
 
@@ -194,7 +194,7 @@ async def _send_from_dashboard(
 ) -> httpx.Response:
     """A browser-like session of the attacker's own: its cookie, its CSRF token."""
     async with httpx.AsyncClient(transport=client._transport, base_url=client.base_url) as c:
-        login = await c.post("/dashboard/login", data={"key": attacker.admin})
+        login = await dashboard_login(c, attacker.admin)
         assert login.status_code == 303, login.text
         home = await c.get("/dashboard")
         token = re.search(r'name="csrf_token" value="([^"]+)"', home.text)

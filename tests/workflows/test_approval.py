@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from core.db import create_sessionmaker
 from core.models import RunStatus, TrainingRun
-from tests.conftest import TUNELOOP, Backend, TenantKeys, tuneloop_env
+from tests.conftest import TUNELOOP, Backend, TenantKeys, dashboard_login, tuneloop_env
 from tests.dashboard.conftest import csrf_of
 from tests.workflows.conftest import address, setup_tenant, wait_for_run
 
@@ -158,7 +158,7 @@ async def dashboard_app(backend: Backend, temporal: WorkflowEnvironment) -> Asyn
 
 async def dashboard(app: FastAPI, key: str) -> httpx.AsyncClient:
     c = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test")
-    r = await c.post("/dashboard/login", data={"key": key})
+    r = await dashboard_login(c, key)
     assert r.status_code == 303, r.text
     return c
 

@@ -31,6 +31,14 @@ class UnknownReference(InvalidInput):
     code = "unknown_reference"
 
 
+class ContextLengthExceeded(InvalidInput):
+    """The prompt and the answer asked for do not fit in the model's context. 400, with
+    OpenAI's code, which clients (LangChain, LiteLLM) recognize to trim and retry."""
+
+    code = "context_length_exceeded"
+    status = 400
+
+
 class Unauthenticated(DomainError):
     code = "unauthenticated"
     status = 401

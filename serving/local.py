@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import Unavailable
+from core.errors import ContextLengthExceeded, Unavailable
 from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest, Served
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,36 @@ class LocalBackend:
                 )
                 error.__cause__ = failed[ref.serving_name]
                 outcomes[i] = error
+        # A prompt that leaves no room for its answer in the model's context is refused alone,
+        # before it joins the batch: it would fail (or turn to garbage) every row beside it.
+        context = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
+        if context:
+            fits = []
+            for job, served_by in served:
+                too_long = self._context_error(job.request, context)
+                if too_long is None:
+                    fits.append((job, served_by))
+                else:
+                    outcomes[group.index(job)] = too_long
+            served = fits
         answers = iter(self._generate(served) if served else [])
         return [o if o is not None else next(answers) for o in outcomes]
+
+    def _context_error(
+        self, request: GenerationRequest, context: int
+    ) -> ContextLengthExceeded | None:
+        prompt = len(
+            self._tokenizer(self._prompt_text(request), add_special_tokens=False)["input_ids"]
+        )
+        if prompt + request.max_tokens <= context:
+            return None
+        needed = prompt + request.max_tokens
+        return ContextLengthExceeded(
+            f"this model's context is {context} tokens; the request needs {needed} "
+            f"({prompt} in the prompt, {request.max_tokens} for the answer): shorten the messages "
+            "or lower max_tokens",
+            details={"field": "messages" if request.messages is not None else "prompt"},
+        )
 
     def _generate(self, served: list[tuple[_Job, str]]) -> list[Generation]:
         import torch

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from core.errors import InvalidInput, Unavailable
+from core.errors import ContextLengthExceeded, InvalidInput, Unavailable
 from serving.names import is_serving_name
 from serving.types import FALLBACK, AdapterRef, Choice, Generation, GenerationRequest, Served
 
@@ -385,7 +385,14 @@ def _raise_for_status(replica: _Replica, response: httpx.Response) -> None:
     if status == 400:
         # The gateway validated the parameters; what is left is what only the engine knows
         # (e.g. prompt plus max_tokens longer than the model's context).
-        raise InvalidInput(_error_message(response), code="invalid_request")
+        message = _error_message(response)
+        # vLLM's words for it; OpenAI's code, which clients (LangChain, LiteLLM) look for.
+        long = any(w in message.lower() for w in ("context length", "model length", "too long"))
+        raise (
+            ContextLengthExceeded(message)
+            if long
+            else InvalidInput(message, code="invalid_request")
+        )
     # Replica addresses and the engine's own words (paths, internals) go to the log only.
     log.warning(
         "vLLM replica %s answered HTTP %s: %s", replica.url, status, _error_message(response)

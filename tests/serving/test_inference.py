@@ -193,6 +193,35 @@ async def test_a_forged_system_turn_reaches_no_model(
     assert "<|im_start|>" not in row.messages[0]["content"]
 
 
+async def test_a_prompt_beyond_the_context_is_refused_alone(
+    client: httpx.AsyncClient, tenant: TenantKeys
+) -> None:
+    # The tiny model's context is 1,024 tokens. Sent together, the long request and a short one
+    # would share a batch: the long one is refused before it, the short one is answered.
+    long = [{"role": "user", "content": "weather " * 1500}]
+
+    async def ask(messages: list[dict[str, str]]) -> httpx.Response:
+        return await client.post(
+            "/v1/chat/completions",
+            headers=tenant.auth(),
+            json={"model": "base", "messages": messages, "max_tokens": 4},
+        )
+
+    refused, answered = await asyncio.gather(ask(long), ask(PROMPT))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "1024 tokens" in error["message"]
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"]
+    # Room for the prompt but not for the answer asked for: refused too.
+    r = await client.post(
+        "/v1/chat/completions",
+        headers=tenant.auth(),
+        json={"model": "base", "messages": [{"role": "user", "content": "weather " * 400}],
+              "max_tokens": 1000},
+    )  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 async def test_bad_parameters_are_openai_style_4xx(
     client: httpx.AsyncClient, tenant: TenantKeys
 ) -> None:

@@ -14,6 +14,7 @@ from api import dashboard, metrics
 from api.errors import error_response, install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.orchestration import Orchestrator
+from api.rate_limits import Limits
 from api.routers import adapters, billing, feedback, health, inference, keys, runs, tenants
 from api.security_headers import SecurityHeaders
 from core.artifacts import ArtifactStore
@@ -130,6 +131,7 @@ def create_app(
     app.state.inference_gate = InferenceGate(
         app.state.sessionmaker, app.state.billing, ttl=settings.auth_cache_seconds
     )
+    app.state.limits = Limits.from_settings(settings)
     app.state.orchestrator = Orchestrator(
         settings.temporal_address, base_model=settings.base_model, billing=app.state.billing
     )

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-# Dependencies are all ``async def``: FastAPI runs plain ``def`` ones in a thread pool, which
-# costs more than the work they do.
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+# Dependencies are all ``async def``: FastAPI runs plain ``def`` ones in a thread pool, which
+# costs more than the work they do.
+from api.rate_limits import Limits
 from core.artifacts import ArtifactStore
 from core.errors import PermissionDenied, Unauthenticated
 from core.feedback import FeedbackWriter
@@ -47,6 +48,8 @@ async def get_principal(
         cache.put(credentials.credentials, principal)
     # For the error handler: a refused lookup is logged with who asked (never with the key).
     request.state.principal = principal
+    limits: Limits = request.app.state.limits
+    await limits.request(principal.key_id)
     return principal
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import DomainError, NotFound, UnknownReference
+from core.errors import DomainError, NotFound, RateLimited, UnknownReference
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
             request.url.path,
             exc.code,
         )
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    headers = (
+        {"Retry-After": str(math.ceil(exc.retry_after))} if isinstance(exc, RateLimited) else None
+    )
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers=headers)
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:

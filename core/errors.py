@@ -64,6 +64,18 @@ class QuotaExceeded(DomainError):
     status = 402
 
 
+class RateLimited(DomainError):
+    """Too many requests (or answer tokens) for now; ``retry_after`` seconds until there is
+    room again (the ``Retry-After`` header)."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 class Unavailable(DomainError):
     code = "unavailable"
     status = 503

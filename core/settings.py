@@ -157,6 +157,35 @@ class ApiSettings(Settings):
     )
     """How long a process may reuse a key check. Revocation and suspension take effect at once
     in the process that makes them and within this many seconds in the others; 0 disables."""
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("TUNELOOP_REDIS_URL", "redis_url")
+    )
+    """Redis (redis://host:6379/0) for the rate limits, shared by every API process. Unset: each
+    process counts in its own memory (the embedded stack, one process)."""
+    rate_limit_rps: float | None = Field(
+        default=200,
+        gt=0,
+        validation_alias=AliasChoices("TUNELOOP_RATE_LIMIT_RPS", "rate_limit_rps"),
+    )
+    """Requests per second one API key may make, over any route (unset or empty: no limit)."""
+    rate_limit_tokens_per_minute: int | None = Field(
+        default=1_000_000,
+        gt=0,
+        validation_alias=AliasChoices(
+            "TUNELOOP_RATE_LIMIT_TOKENS_PER_MINUTE", "rate_limit_tokens_per_minute"
+        ),
+    )
+    """Answer tokens one API key may ask for per minute (``max_tokens`` times ``n``, counted when
+    the request arrives; unset or empty: no limit)."""
+    max_in_flight_per_tenant: int | None = Field(
+        default=32,
+        gt=0,
+        validation_alias=AliasChoices(
+            "TUNELOOP_MAX_IN_FLIGHT_PER_TENANT", "max_in_flight_per_tenant"
+        ),
+    )
+    """Generations one tenant may have running at once in one API process; more are refused
+    with 429 rather than queued behind the others' (unset or empty: no limit)."""
     session_secret: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("TUNELOOP_SESSION_SECRET", "session_secret"),

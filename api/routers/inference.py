@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import BackendDep, ProductTenantDep, SessionDep, StoreDep
+from api.rate_limits import Limits
 from api.schemas_inference import (
     ChatChoice,
     ChatCompletion,
@@ -124,20 +125,35 @@ async def _answer(
     # Hand the connection back while the model works (seconds): otherwise concurrent requests
     # exhaust the pool. Recording the answer takes one again.
     await session.close()
+    limits: Limits = request.app.state.limits
+    await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
     ids = new_interaction_ids(body.n)
     started = time.perf_counter()
     if body.stream:
-        # Routing and adapter loading finish before the first item: their errors are this
-        # request's (503 adapter_unavailable), and a fallback is known in time for the headers.
-        pieces = backend.stream(gen_request)
-        served = await anext(pieces)
+        limits.start_generation(tenant_id)
+        try:
+            # Routing and adapter loading finish before the first item: their errors are this
+            # request's (503 adapter_unavailable), and a fallback is known in time for the
+            # headers.
+            pieces = backend.stream(gen_request)
+            served = await anext(pieces)
+        except BaseException:
+            limits.end_generation(tenant_id)
+            raise
         if not isinstance(served, Served):
             raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
         if served.served_by == FALLBACK:
             resolved = Resolved(None, None, fallback=True)
         return StreamingResponse(
             _stream(
-                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], pieces
+                request,
+                endpoint,
+                body.model,
+                tenant_id,
+                resolved,
+                gen_request,
+                ids[0],
+                _holding_slot(pieces, lambda: limits.end_generation(tenant_id)),
             ),
             media_type="text/event-stream",
             headers={
@@ -146,7 +162,8 @@ async def _answer(
                 "Cache-Control": "no-cache",
             },
         )
-    generation = await backend.generate(gen_request)
+    async with limits.generation(tenant_id):
+        generation = await backend.generate(gen_request)
     if generation.served_by == FALLBACK:  # say so, and record what really answered
         resolved = Resolved(None, None, fallback=True)
     await record_answer(
@@ -163,6 +180,17 @@ async def _answer(
     response.headers["X-Interaction-Id"] = ",".join(ids)
     response.headers["X-Served-By"] = resolved.label
     return resolved, generation, ids
+
+
+async def _holding_slot(
+    pieces: AsyncIterator[Served | str | Generation], release: Callable[[], None]
+) -> AsyncIterator[Served | str | Generation]:
+    """``pieces``; the tenant's in-flight slot is given back when the stream ends, however."""
+    try:
+        async for piece in pieces:
+            yield piece
+    finally:
+        release()
 
 
 async def _stream(

@@ -15,7 +15,17 @@ from api.errors import error_response, install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.orchestration import Orchestrator
 from api.rate_limits import Limits
-from api.routers import adapters, billing, feedback, health, inference, keys, runs, tenants
+from api.routers import (
+    adapters,
+    billing,
+    export,
+    feedback,
+    health,
+    inference,
+    keys,
+    runs,
+    tenants,
+)
 from api.security_headers import SecurityHeaders
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig, InferenceGate
@@ -140,7 +150,7 @@ def create_app(
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
-    for module in (health, tenants, keys, feedback, inference, adapters, runs, billing):
+    for module in (health, tenants, keys, feedback, inference, adapters, runs, billing, export):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)

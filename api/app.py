@@ -25,6 +25,7 @@ from api.routers import (
     keys,
     runs,
     tenants,
+    users,
 )
 from api.security_headers import SecurityHeaders
 from core.artifacts import ArtifactStore
@@ -150,7 +151,18 @@ def create_app(
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
-    for module in (health, tenants, keys, feedback, inference, adapters, runs, billing, export):
+    for module in (
+        health,
+        tenants,
+        keys,
+        feedback,
+        inference,
+        adapters,
+        runs,
+        billing,
+        export,
+        users,
+    ):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)

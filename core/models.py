@@ -277,6 +277,9 @@ class AdapterVersion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    erased_data_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When an end user's data this version was trained on was erased (it stays servable; the
+    tenant decides whether to retrain)."""
 
 
 class Deployment(Base):

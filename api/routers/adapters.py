@@ -31,6 +31,8 @@ class AdapterOut(BaseModel):
     reason: str | None
     created_at: datetime
     promoted_at: datetime | None
+    erased_data_at: datetime | None = None
+    """Set when an end user's data this version was trained on was erased."""
 
     @classmethod
     def of(cls, v: AdapterVersion, live_id: str | None) -> AdapterOut:
@@ -47,6 +49,7 @@ class AdapterOut(BaseModel):
             reason=v.reason,
             created_at=v.created_at,
             promoted_at=v.promoted_at,
+            erased_data_at=v.erased_data_at,
         )
 
 

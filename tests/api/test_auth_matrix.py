@@ -14,7 +14,7 @@ import pytest
 from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
-from core.models import RunStatus, TrainingRun
+from core.models import Feedback, RunStatus, TrainingRun
 from core.settings import ApiSettings
 from serving import registry
 from tests.conftest import Backend, TenantKeys
@@ -55,8 +55,11 @@ async def _objects_of(backend: Backend, a: TenantKeys, tmp: Path) -> dict[str, s
         )
         run = TrainingRun(tenant_id=a.id, status=RunStatus.succeeded, reason="done")
         s.add(run)
+        # An end user of A's with feedback (what DELETE /v1/users/{user_id}/data erases).
+        s.add(Feedback(tenant_id=a.id, prompt="p", completion="c", rating=1, user_id="a-user"))
         await s.commit()
     return {
+        "user_id": "a-user",
         "tenant_id": a.id,
         "key_id": a.product_key_id,
         "version_id": version.id,

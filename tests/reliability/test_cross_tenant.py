@@ -19,13 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from api import dashboard
 from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.ids import new_id
-from core.models import ApiKey, RunStatus, TrainingRun
+from core.models import ApiKey, Feedback, RunStatus, TrainingRun
 from core.settings import ApiSettings
 from serving import registry
 from serving.names import serving_name
@@ -68,6 +69,7 @@ JSON_API_ATTACKS: list[Attack] = [
     Attack("POST", "/v1/adapters/{serving_name}/promote", "admin", label="promote by serving name"),
     Attack("DELETE", "/v1/keys/{key_id}", "admin"),
     Attack("DELETE", "/v1/keys/{admin_key_id}", "admin", label="revoke A's admin key"),
+    Attack("DELETE", "/v1/users/{user_id}/data", "admin", label="erase A's end user"),
     *(
         Attack("POST", route, "product", body={**CHAT, "model": ref}, codes=("model_not_found",))
         for route in ("/v1/chat/completions",)
@@ -146,7 +148,11 @@ async def _objects_of(
         await s.commit()
     r = await client.post("/v1/chat/completions", headers=a.auth(), json={**CHAT, "model": "base"})
     assert r.status_code == 200, r.text
+    user_id = new_id("usr")  # an end user of A's, with feedback to erase
+    fb = {"prompt": "p", "completion": "c", "rating": "up", "user_id": user_id}
+    assert (await client.post("/v1/feedback", headers=a.auth(), json=fb)).status_code == 201
     return {
+        "user_id": user_id,
         "run_id": run.id,
         "version_id": version.id,
         "serving_name": version.serving_name,
@@ -339,5 +345,6 @@ async def test_tenant_b_cannot_reach_tenant_a(
             key = await s.get(ApiKey, key_id)
             assert key is not None and key.revoked_at is None
         assert await registry.live_version_id(s, tenant_id=a.id) is None
+        assert await s.scalar(select(Feedback.id).where(Feedback.user_id == ids["user_id"]))
     r = await client.get("/v1/adapters", headers=a.auth("admin"))
     assert [v["status"] for v in r.json()["data"]] == ["candidate"]

@@ -18,16 +18,21 @@ found here (a retention period covers it).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.errors import NotFound
+from core.errors import NotFound, Unavailable
 from core.models import AdapterVersion, Dataset, Feedback, Interaction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,27 +52,24 @@ async def erase_user(session: AsyncSession, *, tenant_id: str, user_id: str) -> 
     if first is None:
         # Another tenant's user of the same id looks exactly like one that never existed.
         raise NotFound(f"no feedback from user {user_id!r} in this tenant (nothing to erase)")
-    interaction_ids = [
-        i
-        for i in await session.scalars(select(Feedback.interaction_id).where(*mine))
-        if i is not None
-    ]
-    feedback = (await session.execute(delete(Feedback).where(*mine))).rowcount or 0  # type: ignore[attr-defined]
-    interactions = 0
-    if interaction_ids:
-        # Other users' votes on the same answer lose their text with it.
-        await session.execute(
-            update(Feedback)
-            .where(Feedback.tenant_id == tenant_id, Feedback.interaction_id.in_(interaction_ids))
-            .values(interaction_id=None)
+    # As subqueries: one user id ("anonymous") may carry more feedback than a query may bind.
+    rated = select(Feedback.interaction_id).where(*mine, Feedback.interaction_id.is_not(None))
+    # Other users' votes on the same answers lose their text with them.
+    await session.execute(
+        update(Feedback)
+        .where(
+            Feedback.tenant_id == tenant_id,
+            Feedback.interaction_id.in_(rated),
+            or_(Feedback.user_id.is_(None), Feedback.user_id != user_id),
         )
-        interactions = (
-            await session.execute(
-                delete(Interaction).where(
-                    Interaction.tenant_id == tenant_id, Interaction.id.in_(interaction_ids)
-                )
-            )
-        ).rowcount or 0  # type: ignore[attr-defined]
+        .values(interaction_id=None)
+    )
+    interactions = _count(
+        await session.execute(
+            delete(Interaction).where(Interaction.tenant_id == tenant_id, Interaction.id.in_(rated))
+        )
+    )
+    feedback = _count(await session.execute(delete(Feedback).where(*mine)))
 
     datasets = list(
         await session.scalars(
@@ -77,8 +79,16 @@ async def erase_user(session: AsyncSession, *, tenant_id: str, user_id: str) -> 
         )
     )
     now = datetime.now(UTC)
+    left = await asyncio.to_thread(_remove, [Path(d.uri) for d in datasets])
+    if left:
+        await session.rollback()
+        log.error("erasure of a user of tenant %s: cannot delete %s", tenant_id, left)
+        raise Unavailable(
+            "this API process cannot delete the compiled datasets that hold the user's feedback "
+            "(is the data volume mounted read-only here?); nothing was erased, the operator's "
+            "log says where"
+        )
     for dataset in datasets:
-        shutil.rmtree(Path(dataset.uri), ignore_errors=True)
         dataset.uri = ""
         dataset.data_card = {**(dataset.data_card or {}), "erased_at": now.isoformat()}
     runs = {d.run_id for d in datasets if d.run_id is not None}
@@ -99,3 +109,14 @@ async def erase_user(session: AsyncSession, *, tenant_id: str, user_id: str) -> 
             version.eval_report = {**version.eval_report, "samples": []}
     await session.commit()
     return Erasure(user_id, feedback, interactions, len(datasets), len(versions))
+
+
+def _count(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _remove(paths: list[Path]) -> list[str]:
+    """Delete each directory; returns those still there."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    return [str(p) for p in paths if p.exists()]

@@ -30,7 +30,7 @@ _FIELDS: dict[Any, tuple[str, tuple[str, ...]]] = {
     AdapterVersion: (
         "adapter_version",
         ("id", "run_id", "sha256", "serving_name", "base_model", "rank", "status",
-         "eval_report", "reason", "created_at", "promoted_at"),
+         "eval_report", "reason", "created_at", "promoted_at", "erased_data_at"),
     ),
 }  # fmt: skip
 

@@ -127,9 +127,10 @@ async def revoke_key(session: AsyncSession, *, tenant_id: str, key_id: str) -> A
         return key
     if key.role is KeyRole.admin:
         # Two admins revoking each other's keys at once must not leave the tenant with none:
-        # the tenant's row is locked while its admin keys are counted (SQLite serializes
-        # writers anyway and ignores FOR UPDATE).
-        await session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        # a no-op write to the tenant's row before the count takes PostgreSQL's row lock and
+        # SQLite's write lock (which a SELECT ... FOR UPDATE would not: SQLite ignores it, and
+        # its driver starts the transaction only at the first write).
+        await session.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
         admins = await session.scalar(
             select(func.count())
             .select_from(ApiKey)

@@ -162,30 +162,30 @@ class ApiSettings(Settings):
     )
     """Redis (redis://host:6379/0) for the rate limits, shared by every API process. Unset: each
     process counts in its own memory (the embedded stack, one process)."""
-    rate_limit_rps: float | None = Field(
+    rate_limit_rps: float = Field(
         default=200,
-        gt=0,
+        ge=0,
         validation_alias=AliasChoices("TUNELOOP_RATE_LIMIT_RPS", "rate_limit_rps"),
     )
-    """Requests per second one API key may make, over any route (unset or empty: no limit)."""
-    rate_limit_tokens_per_minute: int | None = Field(
+    """Requests per second one API key may make, over any route (0: no limit)."""
+    rate_limit_tokens_per_minute: int = Field(
         default=1_000_000,
-        gt=0,
+        ge=0,
         validation_alias=AliasChoices(
             "TUNELOOP_RATE_LIMIT_TOKENS_PER_MINUTE", "rate_limit_tokens_per_minute"
         ),
     )
     """Answer tokens one API key may ask for per minute (``max_tokens`` times ``n``, counted when
-    the request arrives; unset or empty: no limit)."""
-    max_in_flight_per_tenant: int | None = Field(
+    the request arrives; 0: no limit)."""
+    max_in_flight_per_tenant: int = Field(
         default=32,
-        gt=0,
+        ge=0,
         validation_alias=AliasChoices(
             "TUNELOOP_MAX_IN_FLIGHT_PER_TENANT", "max_in_flight_per_tenant"
         ),
     )
     """Generations one tenant may have running at once in one API process; more are refused
-    with 429 rather than queued behind the others' (unset or empty: no limit)."""
+    with 429 rather than queued behind the others' (0: no limit)."""
     session_secret: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("TUNELOOP_SESSION_SECRET", "session_secret"),

@@ -195,10 +195,12 @@ def _scrub_emails(text: str, tally: Counter[str]) -> str:
         start = at
         while start > done and at - start < 64 and text[start - 1] in _EMAIL_LOCAL_CHARS:
             start -= 1
-        while start < at and not _word_char(text[start]):  # `\b`: it starts at a word
+        # `\b`: the address starts at a word boundary, the first one in the run (after "ü" in
+        # "Jürgen.m@x.de", the pattern's match is ".m@x.de").
+        while start < at and not _boundary(text, start):
             start += 1
         domain = _EMAIL_DOMAIN.match(text, at + 1)
-        if start < at and domain is not None and (start == 0 or not _word_char(text[start - 1])):
+        if start < at and domain is not None:
             tally["email"] += 1
             out += (text[done:start], "[EMAIL]")
             done = domain.end()
@@ -210,6 +212,12 @@ def _scrub_emails(text: str, tally: Counter[str]) -> str:
 
 def _word_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
+
+
+def _boundary(text: str, i: int) -> bool:
+    """Whether ``\b`` holds before ``text[i]``."""
+    before = i > 0 and _word_char(text[i - 1])
+    return before != _word_char(text[i])
 
 
 def scrub_pii(text: str, counts: Counter[str] | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -63,8 +63,9 @@ STREAM = {
 
 
 def _neutralized(message: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(message.get("content"), str):
-        message["content"] = neutralize_control_tokens(message["content"])
+    for field in ("content", "name"):  # a template may render the name too
+        if isinstance(message.get(field), str):
+            message[field] = neutralize_control_tokens(message[field])
     return message
 
 
@@ -126,35 +127,29 @@ async def _answer(
     # exhaust the pool. Recording the answer takes one again.
     await session.close()
     limits: Limits = request.app.state.limits
-    await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
     ids = new_interaction_ids(body.n)
     started = time.perf_counter()
     if body.stream:
-        limits.start_generation(tenant_id)
+        release = limits.start_generation(tenant_id)
         try:
+            await limits.answer_tokens(request.state.principal.key_id, body.token_limit)
             # Routing and adapter loading finish before the first item: their errors are this
             # request's (503 adapter_unavailable), and a fallback is known in time for the
             # headers.
             pieces = backend.stream(gen_request)
             served = await anext(pieces)
+            if not isinstance(served, Served):
+                raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
         except BaseException:
-            limits.end_generation(tenant_id)
+            release()
             raise
-        if not isinstance(served, Served):
-            raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
         if served.served_by == FALLBACK:
             resolved = Resolved(None, None, fallback=True)
-        return StreamingResponse(
+        return _SlotStreamingResponse(
             _stream(
-                request,
-                endpoint,
-                body.model,
-                tenant_id,
-                resolved,
-                gen_request,
-                ids[0],
-                _holding_slot(pieces, lambda: limits.end_generation(tenant_id)),
+                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], pieces
             ),
+            release=release,
             media_type="text/event-stream",
             headers={
                 "X-Interaction-Id": ids[0],
@@ -163,6 +158,7 @@ async def _answer(
             },
         )
     async with limits.generation(tenant_id):
+        await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
         generation = await backend.generate(gen_request)
     if generation.served_by == FALLBACK:  # say so, and record what really answered
         resolved = Resolved(None, None, fallback=True)
@@ -182,15 +178,22 @@ async def _answer(
     return resolved, generation, ids
 
 
-async def _holding_slot(
-    pieces: AsyncIterator[Served | str | Generation], release: Callable[[], None]
-) -> AsyncIterator[Served | str | Generation]:
-    """``pieces``; the tenant's in-flight slot is given back when the stream ends, however."""
-    try:
-        async for piece in pieces:
-            yield piece
-    finally:
-        release()
+class _SlotStreamingResponse(StreamingResponse):
+    """A stream that gives the tenant's in-flight slot back when the response ends, however it
+    ends: finished, failed, or cancelled by a client that left (then the body generator may
+    never even start, and no ``finally`` inside it would run)."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+            if isinstance(self.body_iterator, AsyncGenerator):
+                await self.body_iterator.aclose()  # and closes the backend's stream in turn
 
 
 async def _stream(

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import select
 
+from core import erasure
 from core.db import create_sessionmaker
 from core.models import AdapterStatus, AdapterVersion, Dataset, Feedback, Interaction, TrainingRun
 from tests.conftest import Backend, TenantKeys
@@ -101,3 +103,23 @@ async def test_an_end_user_is_erased_and_only_that_user(
     again = await client.delete("/v1/users/erin/data", headers=a.auth("admin"))
     assert again.status_code == 404 and "nothing to erase" in again.json()["error"]["message"]
     assert (await client.delete("/v1/users/frank/data", headers=a.auth())).status_code == 403
+
+
+async def test_files_it_cannot_delete_erase_nothing(
+    client: httpx.AsyncClient,
+    tenant: TenantKeys,
+    backend: Backend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An API pod whose data volume is read-only: the erasure must not report success while the
+    # user's text stays on disk.
+    await _rate(client, tenant, "erin", SECRET)
+    await _trained_on_everything(backend, tenant, tmp_path)
+    monkeypatch.setattr(erasure, "_remove", lambda paths: [str(p) for p in paths])
+    r = await client.delete("/v1/users/erin/data", headers=tenant.auth("admin"))
+    assert r.status_code == 503 and "nothing was erased" in r.json()["error"]["message"]
+    assert str(tmp_path) not in r.text  # where is the operator's business
+    async with create_sessionmaker(backend.engine)() as s:
+        users = await s.scalars(select(Feedback.user_id).where(Feedback.tenant_id == tenant.id))
+        assert set(users) == {"erin"}

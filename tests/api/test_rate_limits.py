@@ -66,7 +66,9 @@ async def test_answer_tokens_per_minute_per_key(backend: Backend, tenant: Tenant
         big = await c.post(
             "/v1/chat/completions", headers=tenant.auth(), json=ASK | {"max_tokens": 8, "n": 3}
         )
-        assert refused(big) and "lower max_tokens or n" in big.json()["error"]["message"]
+        # Waiting would not help: a client error, not a 429.
+        assert big.status_code == 422 and big.json()["error"]["code"] == "tokens_over_limit"
+        assert "lower max_tokens or n" in big.json()["error"]["message"]
 
 
 async def test_generations_in_flight_per_tenant(
@@ -86,6 +88,35 @@ async def test_generations_in_flight_per_tenant(
         assert codes == [200, 429] and refused(next(r for r in results if r.status_code == 429))
         assert results[2].status_code == 200  # the other tenant is not held back
         assert (await ask(a)).status_code == 200  # the slot came back
+
+
+async def test_a_stream_gives_its_slot_back_however_it_ends(
+    backend: Backend, tenant: TenantKeys
+) -> None:
+    app = create_app(
+        backend.settings.model_copy(update={"max_in_flight_per_tenant": 1}), engine=backend.engine
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test"
+    ) as c:
+        stream = ASK | {"max_tokens": 8, "stream": True}
+        async with c.stream(
+            "POST", "/v1/chat/completions", headers=tenant.auth(), json=stream
+        ) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_lines():
+                break  # the client leaves after the first line
+        for _ in range(50):
+            if app.state.limits.in_flight(tenant.id) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert app.state.limits.in_flight(tenant.id) == 0
+        # A stream that ran to its end, then a plain request: each found the slot free.
+        r = await c.post("/v1/chat/completions", headers=tenant.auth(), json=stream)
+        assert r.status_code == 200 and "[DONE]" in r.text
+        r = await c.post("/v1/chat/completions", headers=tenant.auth(), json=ASK)
+        assert r.status_code == 200
+    await app.state.backend.close()
 
 
 def _redis_url() -> str | None:

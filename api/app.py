@@ -88,6 +88,28 @@ class _TooLarge(Exception):
     pass
 
 
+class RefuseNul:
+    """A NUL in the URL (``%00`` in a query or path parameter) is refused with 422 before any
+    route sees it: PostgreSQL cannot compare or store it, and would answer 500. (Bodies are
+    checked by ``RequestModel``.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            b"%00" in scope.get("query_string", b"")
+            or "\x00" in scope["path"]
+            or b"%00" in scope.get("raw_path", b"")
+        ):
+            response = error_response(
+                422, "invalid_input", "the URL must not contain NUL characters (%00)"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def build_backend(settings: ApiSettings) -> ServingBackend:
     if settings.serving_backend == "local":
         return LocalBackend(base_model=settings.base_model, data_dir=settings.data_dir)
@@ -165,6 +187,7 @@ def create_app(
     ):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RefuseNul)
     app.add_middleware(SecurityHeaders)
     # Outermost, so refusals by the body limit are counted too.
     app.state.metrics = Metrics()

@@ -167,6 +167,7 @@ async def main(args: argparse.Namespace) -> dict:
 
         port = 18000 + secrets.randbelow(2000)
         env = {**os.environ, "DATABASE_URL": url, "TUNELOOP_DATA_DIR": str(ROOT / ".tuneloop")}
+        env["TUNELOOP_RATE_LIMIT_RPS"] = "0"  # the API's own throughput, not the per-key limit
         proc = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "tuneloop"),

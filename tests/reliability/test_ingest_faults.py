@@ -99,7 +99,10 @@ class LiveApi:
 async def test_api_killed_and_restarted_mid_ingest(
     tenant: TenantKeys, backend: Backend, tmp_path: Path
 ) -> None:
-    api = LiveApi(tuneloop_env(backend.settings.data_dir, backend.url), tmp_path / "api.log")
+    env = tuneloop_env(backend.settings.data_dir, backend.url)
+    # Durability under faults, at full speed: the per-key rate limit is not what is measured.
+    env["TUNELOOP_RATE_LIMIT_RPS"] = "0"
+    api = LiveApi(env, tmp_path / "api.log")
     api.start()
     try:
         await api.ready()
@@ -232,7 +235,11 @@ async def test_database_unreachable_mid_ingest(
     url, proxy = pg_through_proxy
     # Auth cached for a second only: during the outage new lookups hit the database too.
     settings = ApiSettings(
-        data_dir=tmp_path, database_url=url, base_model="tiny-random", auth_cache_seconds=1
+        data_dir=tmp_path,
+        database_url=url,
+        base_model="tiny-random",
+        auth_cache_seconds=1,
+        rate_limit_rps=0,  # durability is measured here, not the per-key rate limit
     )
     app = create_app(settings)
     engine = app.state.engine

@@ -57,7 +57,6 @@ from workflows.contracts import (
 
 log = logging.getLogger(__name__)
 
-# Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
 UNRATED_EVAL_PROMPTS = 256
 """Most unrated questions an evaluation reads (it judges at most ``max_win_prompts`` of all)."""
 MAX_EVAL_PROMPT = 16_384
@@ -66,6 +65,8 @@ MAX_COMPILE_RECORDS = 100_000
 MAX_COMPILE_BYTES = 256 * 2**20
 """Most feedback rows and characters one compile reads, newest first; the data card counts the
 rest as ``records_left_out``."""
+
+# Business outcomes the workflow turns into a clean end of the run; retrying cannot help.
 NOT_ENOUGH_DATA = "NotEnoughData"
 BAD_TRAINING_INPUT = "BadTrainingInput"
 RUN_IN_PROGRESS = "RunInProgress"

@@ -193,7 +193,7 @@ class _SlotStreamingResponse(StreamingResponse):
         finally:
             self._release()
             if isinstance(self.body_iterator, AsyncGenerator):
-                await self.body_iterator.aclose()  # and closes the backend's stream in turn
+                await self.body_iterator.aclose()  # its cleanup runs now, not when collected
 
 
 async def _stream(

@@ -4,6 +4,7 @@ streams in bounded memory and no connection is held between batches."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -38,8 +39,8 @@ _FIELDS: dict[Any, tuple[str, tuple[str, ...]]] = {
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    if hasattr(value, "value") and not isinstance(value, dict | list | str):
-        return value.value  # enums
+    if isinstance(value, enum.Enum):
+        return value.value
     return value
 
 

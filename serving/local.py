@@ -265,13 +265,14 @@ class LocalBackend:
         # before it joins the batch: it would fail (or turn to garbage) every row beside it.
         context = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
         if context:
+            position = {id(job): i for i, job in enumerate(group)}
             fits = []
             for job, served_by in served:
                 too_long = self._context_error(job.request, context)
                 if too_long is None:
                     fits.append((job, served_by))
                 else:
-                    outcomes[group.index(job)] = too_long
+                    outcomes[position[id(job)]] = too_long
             served = fits
         answers = iter(self._generate(served) if served else [])
         return [o if o is not None else next(answers) for o in outcomes]
@@ -282,9 +283,9 @@ class LocalBackend:
         prompt = len(
             self._tokenizer(self._prompt_text(request), add_special_tokens=False)["input_ids"]
         )
-        if prompt + request.max_tokens <= context:
-            return None
         needed = prompt + request.max_tokens
+        if needed <= context:
+            return None
         return ContextLengthExceeded(
             f"this model's context is {context} tokens; the request needs {needed} "
             f"({prompt} in the prompt, {request.max_tokens} for the answer): shorten the messages "

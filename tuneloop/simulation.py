@@ -216,23 +216,21 @@ async def held_out_liked(
         # 1,024 tokens; SmolLM2's 8,192 takes all eight).
         n = FEW_SHOT
         while True:
-            async with gate:
-                r = await http.post(
-                    "/v1/chat/completions",
-                    headers={"Authorization": f"Bearer {keys['product']}"},
-                    json={
-                        "model": "base",
-                        "messages": few_shot(list(liked)[:n], question),
-                        "max_tokens": max_tokens,
-                        "temperature": 0,
-                    },
-                )
-            too_long = r.status_code == 400 and "context_length" in r.text
-            if too_long and n > 0:
+            try:
+                async with gate:
+                    answer = await chat(
+                        http,
+                        keys["product"],
+                        few_shot(list(liked)[:n], question),
+                        model="base",
+                        max_tokens=max_tokens,
+                        temperature=0,
+                    )
+                return _text(answer)
+            except httpx.HTTPStatusError as exc:
+                if n == 0 or "context_length_exceeded" not in exc.response.text:
+                    raise
                 n //= 2
-                continue
-            r.raise_for_status()
-            return _text(r.json())
 
     shots = list(await asyncio.gather(*(with_shots(q) for q in questions)))
     columns = {"base": list(base_answers), "few-shot": shots}

@@ -19,8 +19,16 @@ class TrainingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     method: Literal["auto", "dpo", "kto", "grpo"] = "auto"
-    """Training method. auto: DPO when there are enough preference pairs (two answers to one
-    question, one liked), else KTO, which learns from single thumbs."""
+    """Training method. auto: GRPO (the adapter writes new answers and learns from this
+    tenant's thumbs judge) when the judge is trusted and there are enough distinct questions;
+    else DPO when there are enough preference pairs (two answers to one question, one liked);
+    else KTO, which learns from single thumbs. grpo falls back the same way when the judge may
+    not decide. The run's log says which method ran and why."""
+    grpo_min_questions: int = Field(default=64, ge=1, le=1_000_000)
+    """auto picks GRPO only from this many distinct questions in the training feedback."""
+    answer_check_weight: float = Field(default=0.5, ge=0, le=10)
+    """GRPO: weight of a reward checked by code, beside the judge's (which weighs 1): 1 for an
+    answer, 0 for an empty one, a refusal or a loop on one word. 0 turns it off."""
     min_feedback: int = Field(default=8, ge=2, le=1_000_000)
     """A run with fewer usable feedback items ends skipped."""
     auto_train_after: int | None = Field(default=None, ge=1, le=1_000_000)

@@ -184,12 +184,13 @@ def answer_features(
     *,
     batch_size: int = 8,
     max_length: int = 512,
+    beat: Callable[[int, int], None] | None = None,
 ) -> list[list[float]]:
     """A fixed-size description of each answer in its conversation, from the model's own hidden
     states: the mean over the answer's tokens at the middle and the last layer, the last
     layer's state at the end of the turn (which has read the whole answer), and the log of the
     answer's token count. Run it with adapters off: a judge needs features that do not move
-    with the candidate it judges.
+    with the candidate it judges. ``beat(done, total)`` is called after each batch.
     """
     encoded = _encode_pairs(tokenizer, items, max_length)
     rows: list[list[float]] = []
@@ -206,6 +207,8 @@ def answer_features(
                 + last[row, len(ids) - 1].tolist()
                 + [math.log1p(len(ids) - start)]
             )
+        if beat is not None:
+            beat(len(rows), len(encoded))
     return rows
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,28 +75,33 @@ class ThumbsJudge:
         items: Sequence[tuple[Sequence[Mapping[str, str]], str]],
         *,
         batch_size: int = 8,
+        beat: Callable[[int, int], None] | None = None,
     ) -> list[float]:
         """P(up) for each (conversation, answer), scored on ``model`` with adapters off."""
         if not items:
             return []
         with use_adapter(model, BASE):
-            feats = answer_features(model, tokenizer, items, batch_size=batch_size)
+            feats = answer_features(model, tokenizer, items, batch_size=batch_size, beat=beat)
         out: list[float] = []
         for row in feats:
             z = self.bias + sum(w * x for w, x in zip(self.weights, row, strict=True))
             out.append(1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0))))
         return out
 
-    def save(self, path: Path) -> None:
-        """Plain JSON (no pickle): a judge file is data, never code."""
+    def save(self, path: Path, *, meta: Mapping[str, Any] | None = None) -> None:
+        """Plain JSON (no pickle): a judge file is data, never code. ``meta`` says what it was
+        fitted on (a retry reuses the judge only for the same data). Written atomically."""
         payload = {
             "kind": "thumbs_judge",
             "base_model": self.base_model,
             "weights": self.weights,
             "bias": self.bias,
             "quality": self.quality.to_dict(),
+            "meta": dict(meta or {}),
         }
-        path.write_text(json.dumps(payload) + "\n")
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps(payload) + "\n")
+        staging.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> ThumbsJudge:
@@ -121,11 +126,13 @@ def train_thumbs_judge(
     min_auroc: float = 0.65,
     seed: int = 0,
     batch_size: int = 8,
+    beat: Callable[[int, int], None] | None = None,
 ) -> ThumbsJudge | JudgeQuality:
     """Fit the judge on ``train`` and measure it on ``holdout``.
 
     Returns the judge (its ``quality`` says whether it may decide), or only a
     :class:`JudgeQuality` with the reason when there is too little data to fit one.
+    ``beat(done, total)`` reports the answers read so far (train split, then held-out split).
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegressionCV
@@ -135,6 +142,7 @@ def train_thumbs_judge(
 
     n_up = sum(ex.label for ex in train)
     n_down = len(train) - n_up
+    total = len(train) + len(holdout)
     if min(n_up, n_down) < MIN_PER_CLASS:
         return JudgeQuality(
             False,
@@ -150,6 +158,7 @@ def train_thumbs_judge(
                 tokenizer,
                 [(ex.prompt, ex.completion) for ex in train],
                 batch_size=batch_size,
+                beat=_counted(beat, 0, total),
             )
         )
     y = np.asarray([int(ex.label) for ex in train])
@@ -192,6 +201,7 @@ def train_thumbs_judge(
         holdout,
         min_auroc=min_auroc,
         batch_size=batch_size,
+        beat=_counted(beat, len(train), total),
         cross_validated=[(float(p), bool(lab)) for p, lab in zip(out_of_fold, y, strict=True)],
     )
     judge.quality.n_train = len(train)
@@ -209,12 +219,17 @@ def assess(
     min_auroc: float,
     batch_size: int = 8,
     cross_validated: Sequence[tuple[float, bool]] = (),
+    beat: Callable[[int, int], None] | None = None,
 ) -> JudgeQuality:
     """AUROC and Brier score on thumbs the judge never saw — the held-out split, plus
     ``cross_validated`` (out-of-fold P(up), label) pairs from the train split — and whether they
     let the judge decide."""
     probs = judge.probabilities(
-        model, tokenizer, [(ex.prompt, ex.completion) for ex in holdout], batch_size=batch_size
+        model,
+        tokenizer,
+        [(ex.prompt, ex.completion) for ex in holdout],
+        batch_size=batch_size,
+        beat=beat,
     )
     scored = [*cross_validated, *((p, ex.label) for p, ex in zip(probs, holdout, strict=True))]
     ups = [p for p, label in scored if label]
@@ -243,3 +258,13 @@ def assess(
             "data to trust it"
         )
     return JudgeQuality(trusted, reason, area, round(brier, 4), n_holdout=len(holdout))
+
+
+def _counted(
+    beat: Callable[[int, int], None] | None, before: int, total: int
+) -> Callable[[int, int], None] | None:
+    """``beat`` for one phase of reading answers, counted over all of them."""
+    if beat is None:
+        return None
+    report = beat
+    return lambda done, _: report(before + done, total)

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import TrainerCallback, TrainingArguments
 
+    from trainer.judge import JudgeQuality
+    from trainer.rewards import TenantJudge
+
 __all__ = [
     "ADAPTER_FILES",
     "MAX_LORA_RANK",
@@ -43,6 +46,9 @@ __all__ = [
     "TrainSpec",
     "build_configs",
     "choose_method",
+    "distinct_questions",
+    "needs_judge",
+    "plan_method",
     "sha256_file",
     "train",
     "verify_adapter",
@@ -60,6 +66,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE)
+JUDGE_FILE = "judge.json"
+"""The tenant's judge a GRPO run fitted, in its output directory (a retry reuses it)."""
 
 # "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025): with alpha held fixed (32) and
 # PEFT's alpha/r scaling, the best LoRA learning rate is about 10x the best full fine-tuning rate
@@ -95,7 +103,8 @@ class TrainSpec:
     """Optimizer steps; when unset, ``epochs`` passes over the data."""
     epochs: float = 2.0
     batch_size: int = 4
-    """Examples per step (DPO pairs, KTO rows, GRPO completions)."""
+    """Examples per step: DPO pairs, KTO rows, GRPO questions (each answered
+    ``num_generations`` times)."""
     grad_accum: int = 1
     beta: float = 0.1
     """DPO/KTO temperature; for GRPO the KL coefficient against the base model."""
@@ -116,7 +125,17 @@ class TrainSpec:
     keep_checkpoints: bool = False
     """Keep ``checkpoints/`` after a successful run (they are deleted by default)."""
     reward_model: Path | None = None
-    """GRPO: a reward-model adapter (``train_reward_model``); trained on the data if unset."""
+    """GRPO: a pairwise reward-model adapter (``train_reward_model``) to reward with instead of
+    the tenant's thumbs judge."""
+    min_judge_auroc: float = 0.65
+    """GRPO rewards with the tenant's thumbs judge only when its AUROC on thumbs it never saw
+    reaches this (and excludes chance); otherwise the run falls back to KTO or DPO."""
+    grpo_min_questions: int = 64
+    """``auto`` picks GRPO from this many distinct training questions on, if the judge is
+    trusted: GRPO learns from the questions, and fewer make a narrow adapter."""
+    answer_check_weight: float = 0.5
+    """GRPO: weight of the code-checked reward (1 for an answer; 0 for an empty one, a refusal
+    or a loop) beside the judge's P(up), which weighs 1. 0 turns it off."""
     gradient_checkpointing: bool = False
     """Off by default: for models of ~100M parameters it costs 1.5-2x in speed for little memory."""
     device: str | None = None
@@ -151,6 +170,14 @@ class TrainSpec:
             raise InvalidSpec(f"beta must be positive, got {self.beta}")
         if self.max_length < 16:
             raise InvalidSpec(f"max_length must be at least 16 tokens, got {self.max_length}")
+        if not 0.5 <= self.min_judge_auroc <= 1.0:
+            raise InvalidSpec(f"min_judge_auroc must be in [0.5, 1], got {self.min_judge_auroc}")
+        if self.grpo_min_questions < 1:
+            raise InvalidSpec(
+                f"grpo_min_questions must be at least 1, got {self.grpo_min_questions}"
+            )
+        if self.answer_check_weight < 0:
+            raise InvalidSpec(f"answer_check_weight must be >= 0, got {self.answer_check_weight}")
         if self.num_generations < 2:
             raise InvalidSpec("GRPO compares answers to one prompt: num_generations must be >= 2")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -199,21 +226,92 @@ class TrainResult:
         return d
 
 
-def choose_method(spec: TrainSpec, data: CompiledDataset) -> Literal["dpo", "kto", "grpo"]:
+Chosen = Literal["dpo", "kto", "grpo"]
+
+
+def distinct_questions(data: CompiledDataset) -> int:
+    """Distinct conversations in the training split: what GRPO samples answers for."""
+    return len({json.dumps(p, sort_keys=True) for p in data.grpo_train})
+
+
+def needs_judge(spec: TrainSpec, data: CompiledDataset) -> bool:
+    """Whether choosing the method reads the tenant's judge: GRPO asked for without a reward
+    model of its own, or ``auto`` with enough questions for GRPO."""
+    if spec.reward_model is not None:
+        return False
+    if spec.method == "grpo":
+        return True
+    return spec.method == "auto" and distinct_questions(data) >= spec.grpo_min_questions
+
+
+def choose_method(
+    spec: TrainSpec,
+    data: CompiledDataset,
+    judge: JudgeQuality | None = None,
+    *,
+    reward_given: bool = False,
+) -> Chosen:
     """Resolve ``auto`` and check the data supports the method (:class:`NotEnoughData`)."""
-    method = spec.method
+    return plan_method(spec, data, judge, reward_given=reward_given)[0]
+
+
+def plan_method(
+    spec: TrainSpec,
+    data: CompiledDataset,
+    judge: JudgeQuality | None = None,
+    *,
+    reward_given: bool = False,
+) -> tuple[Chosen, str]:
+    """The method a run trains with, and why, in words for the run's log.
+
+    ``auto``: GRPO when the tenant's thumbs judge is trusted (``judge``) and the training split
+    has at least ``grpo_min_questions`` distinct questions; else DPO from ``min_pairs``
+    preference pairs on; else KTO, which learns from single thumbs. ``grpo`` falls back the
+    same way when the judge may not reward (unless ``reward_given`` or ``spec.reward_model``).
+    """
     n_pairs = len(data.pairs_train)
     kto_labels = {ex.label for ex in data.kto_train}
-    if method == "auto":
+
+    def offline(how: str) -> tuple[Chosen, str]:
         if n_pairs >= spec.min_pairs:
-            return "dpo"
+            return "dpo", f"{how} DPO: {n_pairs} preference pairs (>= {spec.min_pairs})"
         if len(data.kto_train) >= 2 and len(kto_labels) == 2:
-            return "kto"
+            return "kto", (
+                f"{how} KTO: {n_pairs} preference pairs (DPO needs {spec.min_pairs}), so it "
+                f"learns from {len(data.kto_train)} single thumbs"
+            )
         raise NotEnoughData(
             f"{n_pairs} preference pairs (DPO needs {spec.min_pairs}) and "
             f"{len(data.kto_train)} rated answers with labels {sorted(kto_labels)} "
             "(KTO needs up- and down-votes): collect more feedback"
         )
+
+    trusted = judge is not None and judge.trusted
+    judge_says = judge.reason if judge is not None else "no judge was fitted"
+    method = spec.method
+    if method == "auto":
+        questions = distinct_questions(data)
+        if questions >= spec.grpo_min_questions and trusted:
+            return "grpo", (
+                f"auto chose GRPO: the tenant's judge may reward ({judge_says}) and the training "
+                f"split has {questions} distinct questions (>= {spec.grpo_min_questions})"
+            )
+        chosen, why = offline("auto chose")
+        if questions < spec.grpo_min_questions:
+            return chosen, (
+                f"{why}; not GRPO: {questions} distinct training questions "
+                f"(GRPO from {spec.grpo_min_questions})"
+            )
+        return chosen, f"{why}; not GRPO: {judge_says}"
+    if method == "grpo":
+        if not data.grpo_train:
+            raise NotEnoughData("GRPO needs prompts: the training split is empty")
+        if reward_given or spec.reward_model is not None:
+            return "grpo", "GRPO, as asked, with the reward it was given"
+        if trusted:
+            return "grpo", f"GRPO, as asked, rewarded by the tenant's judge ({judge_says})"
+        chosen, why = offline("GRPO fell back to")
+        return chosen, f"{why}: the judge may not reward ({judge_says})"
     if method == "dpo" and n_pairs == 0:
         raise NotEnoughData(
             "DPO needs an up-voted and a down-voted answer to the same prompt (or a correction); "
@@ -221,9 +319,7 @@ def choose_method(spec: TrainSpec, data: CompiledDataset) -> Literal["dpo", "kto
         )
     if method == "kto" and (len(data.kto_train) < 2 or len(kto_labels) < 2):
         raise NotEnoughData("KTO needs both up- and down-votes in the training split")
-    if method == "grpo" and not data.grpo_train:
-        raise NotEnoughData("GRPO needs prompts: the training split is empty")
-    return method
+    return method, f"{method.upper()}, as asked"
 
 
 def _total_steps_hint(spec: TrainSpec, n_rows: int) -> int:
@@ -283,10 +379,9 @@ def build_configs(
             undesirable_weight=data.undesirable_weight,
         )
     else:
-        # GRPO counts completions per batch; it must hold whole groups of num_generations.
-        per_batch = max(spec.batch_size, spec.num_generations)
-        per_batch = math.ceil(per_batch / spec.num_generations) * spec.num_generations
-        common["per_device_train_batch_size"] = per_batch
+        # TRL counts completions per batch: batch_size questions, each answered
+        # num_generations times (one question per step made every step's reward noise).
+        common["per_device_train_batch_size"] = spec.batch_size * spec.num_generations
         args = GRPOConfig(
             **common,
             beta=spec.beta,
@@ -294,6 +389,8 @@ def build_configs(
             max_completion_length=spec.max_completion_length,
             use_vllm=False,
             log_completions=False,
+            # The judge (or the reward given) weighs 1; the code-checked reward follows it.
+            reward_weights=[1.0, spec.answer_check_weight] if spec.answer_check_weight else None,
         )
     target: str | list[str] = (
         spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
@@ -317,6 +414,8 @@ def _make_callback(progress: ProgressFn | None, total_hint: int, started: float)
 
         def __init__(self) -> None:
             self.cancelled_at: int | None = None
+            self.stop_requested = False
+            """Set when a heartbeat inside the step (GRPO's generation) asked to stop."""
             self.checkpoint: str | None = None
             self.history: list[dict[str, float]] = []
             self._first_step_at: float | None = None
@@ -364,7 +463,8 @@ def _make_callback(progress: ProgressFn | None, total_hint: int, started: float)
                 eta_s=eta,
                 checkpoint=self.checkpoint,
             )
-            if progress is not None and progress(report) is False:
+            stop = progress is not None and progress(report) is False
+            if stop or self.stop_requested:
                 # Graceful stop: save a checkpoint first so resume=True can continue.
                 self.cancelled_at = state.global_step
                 control.should_save = True
@@ -381,13 +481,16 @@ def _rows(method: str, data: CompiledDataset) -> list[dict[str, Any]]:
     return [{"prompt": p} for p in data.grpo_train]
 
 
-def _grpo_reward(reward_fn: RewardFn) -> Callable[..., list[float]]:
-    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+def _grpo_reward(
+    reward_fn: RewardFn, beat: Callable[[int, int], None]
+) -> Callable[..., list[float]]:
+    def reward(prompts: list[Any], completions: list[Any], **kw: Any) -> list[float]:
         out: list[float] = []
         for prompt, completion in zip(prompts, completions, strict=True):
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             text = completion[-1]["content"] if isinstance(completion, list) else completion
             out.append(float(reward_fn(messages, text)))
+        beat(int(getattr(kw.get("trainer_state"), "global_step", 0)), 0)
         return out
 
     name = getattr(reward_fn, "__name__", "reward")
@@ -504,7 +607,7 @@ def _finished_result(spec: TrainSpec, method: str, data: CompiledDataset) -> Tra
 
 
 def _make_trainer(
-    method: str, kwargs: dict[str, Any], reward: Callable[..., list[float]] | None
+    method: str, kwargs: dict[str, Any], rewards: list[Callable[..., list[float]]]
 ) -> Any:
     from trl import DPOTrainer, GRPOTrainer, KTOTrainer
 
@@ -512,8 +615,70 @@ def _make_trainer(
         return DPOTrainer(**kwargs)
     if method == "kto":
         return KTOTrainer(**kwargs)
-    reward_funcs: list[Any] = [reward]
+    reward_funcs: list[Any] = list(rewards)
     return GRPOTrainer(**kwargs, reward_funcs=reward_funcs)
+
+
+def _tenant_judge(spec: TrainSpec, data: CompiledDataset, phase: PhaseFn | None) -> TenantJudge:
+    """Fit (or, on a retry, load) the tenant's judge, heartbeating as it reads answers."""
+    from trainer.rewards import load_or_fit_judge
+
+    def beat(done: int, total: int) -> None:
+        if phase is not None and phase("judge", done, total) is False:
+            raise TrainingCancelled("cancelled while fitting the tenant's judge", step=0)
+
+    beat(0, len(data.kto_train) + len(data.kto_holdout))
+    return load_or_fit_judge(
+        base_model=spec.base_model,
+        data=data,
+        path=spec.output_dir / JUDGE_FILE,
+        data_dir=spec.data_dir,
+        min_auroc=spec.min_judge_auroc,
+        seed=spec.seed,
+        device=spec.device,
+        beat=beat,
+    )
+
+
+def _grpo_rewards(
+    spec: TrainSpec,
+    reward_fn: RewardFn | None,
+    tenant_judge: TenantJudge | None,
+    phase: PhaseFn | None,
+    reporter: Any,
+    total_steps: int,
+) -> list[Callable[..., list[float]]]:
+    """GRPO's reward functions, in the order of ``GRPOConfig.reward_weights``."""
+    from trainer.rewards import JudgeReward, answer_check
+
+    def beat(step: int, _: int) -> None:
+        if phase is not None and phase("generation", step, total_steps) is False:
+            reporter.stop_requested = True  # the step ends, saves a checkpoint and stops
+
+    first: Callable[..., list[float]]
+    if reward_fn is None and spec.reward_model is not None:
+        from trainer.reward_model import load_reward_model
+
+        reward_fn = load_reward_model(
+            spec.reward_model,
+            base_model=spec.base_model,
+            data_dir=spec.data_dir,
+            device=spec.device,
+        )
+    if reward_fn is not None:
+        first = _grpo_reward(reward_fn, beat)
+    else:
+        assert tenant_judge is not None and tenant_judge.judge is not None  # plan_method's rule
+        first = JudgeReward(
+            tenant_judge.judge, tenant_judge.model, tenant_judge.tokenizer, beat=beat
+        )
+    return [first, answer_check] if spec.answer_check_weight else [first]
+
+
+PhaseFn = Callable[[str, int, int], bool | None]
+"""Heartbeat of a phase without optimizer steps: ``(phase, done, total) -> False to stop``.
+Phases: ``judge`` (answers read while fitting the tenant's judge), ``generation`` (GRPO's
+sampled groups scored, ``done`` is the step)."""
 
 
 def train(
@@ -521,20 +686,36 @@ def train(
     *,
     progress: ProgressFn | None = None,
     reward_fn: RewardFn | None = None,
+    phase: PhaseFn | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter per ``spec`` and write it to ``spec.output_dir / "adapter"``.
 
     ``progress`` is called after every step; returning ``False`` stops training after saving a
     checkpoint (then :class:`TrainingCancelled` is raised), and any exception it raises
-    propagates unchanged. ``reward_fn`` scores answers for GRPO; without it GRPO uses
-    ``spec.reward_model`` or first trains a reward model on the data's preference pairs.
+    propagates unchanged. ``phase`` is the heartbeat of the work between steps; returning
+    ``False`` stops there too (while fitting the judge, before any checkpoint).
+
+    GRPO rewards with ``reward_fn`` when given, else ``spec.reward_model``, else the tenant's
+    thumbs judge, fitted on the train split (saved in ``output_dir/judge.json``, so a retry
+    reuses it) and used only when trusted; otherwise the run falls back to DPO or KTO. The
+    result's ``metrics["method_reason"]`` says which method ran and why.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     data = spec.data if isinstance(spec.data, CompiledDataset) else load_compiled(spec.data)
-    method = choose_method(spec, data)
+    tenant_judge: TenantJudge | None = None
+    if reward_fn is None and needs_judge(spec, data):
+        tenant_judge = _tenant_judge(spec, data, phase)
+    judge_quality = tenant_judge.quality if tenant_judge is not None else None
+    judge_reused = tenant_judge is not None and tenant_judge.reused
+    method, method_reason = plan_method(
+        spec, data, judge_quality, reward_given=reward_fn is not None
+    )
+    logger.info("%s", method_reason)
+    if method != "grpo":
+        tenant_judge = None  # frees its copy of the base model
     rows = _rows(method, data)
     if spec.resume:
         finished = _finished_result(spec, method, data)
@@ -546,33 +727,17 @@ def train(
     if not spec.resume and checkpoints.exists():
         shutil.rmtree(checkpoints)  # a fresh run must not mix with an old one's checkpoints
 
-    grpo_reward: Callable[..., list[float]] | None = None
+    total_hint = _total_steps_hint(spec, len(rows))
+    reporter = _make_callback(progress, total_hint, started)
+    rewards: list[Callable[..., list[float]]] = []
     if method == "grpo":
-        if reward_fn is None:
-            from trainer.reward_model import load_reward_model, train_reward_model
-
-            rm_dir = spec.reward_model
-            if rm_dir is None:
-                rm_dir = train_reward_model(
-                    base_model=spec.base_model,
-                    data=data,
-                    output_dir=spec.output_dir / "reward_model",
-                    data_dir=spec.data_dir,
-                    seed=spec.seed,
-                    device=spec.device,
-                ).adapter_dir
-            reward_fn = load_reward_model(
-                rm_dir, base_model=spec.base_model, data_dir=spec.data_dir, device=spec.device
-            )
-        grpo_reward = _grpo_reward(reward_fn)
+        rewards = _grpo_rewards(spec, reward_fn, tenant_judge, phase, reporter, total_hint)
 
     resolve_base_model(spec.base_model, data_dir=spec.data_dir)  # fail fast on a bad name
     with quiet_hf():
         args, lora = build_configs(spec, method, data)
     set_seed(spec.seed)  # LoRA's A matrices are initialized from the global RNG
     model, tokenizer = load_base_model(spec.base_model, data_dir=spec.data_dir, device=spec.device)
-    total_hint = _total_steps_hint(spec, len(rows))
-    reporter = _make_callback(progress, total_hint, started)
     dataset = Dataset.from_list(rows)
     logger.info(
         "training %s on %s: %d examples, rank %d, lr %g, ~%d steps%s",
@@ -594,7 +759,7 @@ def train(
     }
     trainer: Any
     with quiet_hf():  # the trainers tokenize the dataset in __init__
-        trainer = _make_trainer(method, kwargs, grpo_reward)
+        trainer = _make_trainer(method, kwargs, rewards)
     trainer.remove_callback(PrinterCallback)  # progress goes through our callback and logging
     with quiet_hf():
         output = trainer.train(resume_from_checkpoint=resume_from)
@@ -618,10 +783,23 @@ def train(
         "num_examples": len(rows),
         "train_loss": float(output.training_loss),
         "train_runtime_s": round(time.monotonic() - started, 3),
+        # The whole process's CPU time (torch's threads included; so is anything else the
+        # process ran meanwhile): what the benchmark compares methods by.
+        "cpu_s": round(time.process_time() - cpu_started, 1),
         "final": final,
         "data_content_hash": data.card.content_hash,
         "resumed_from": resume_from,
+        "method_reason": method_reason,
     }
+    if method == "grpo":
+        # Metered: prompt and completion tokens of every sampled group (TRL's count, kept in
+        # checkpoints), plus the conversations the judge read to fit itself.
+        judge_tokens = tenant_judge.tokens if tenant_judge is not None else 0
+        metrics["tokens"] = int(trainer.state.num_input_tokens_seen) + judge_tokens
+        metrics["judge_tokens"] = judge_tokens
+    if judge_quality is not None:
+        metrics["judge"] = judge_quality.to_dict()
+        metrics["judge_reused"] = judge_reused
     adapter_dir = spec.output_dir / "adapter"
     digest = _export_adapter(trainer.model, adapter_dir, spec.base_model, metrics)
     if not spec.keep_checkpoints:

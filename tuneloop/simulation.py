@@ -40,6 +40,8 @@ class TenantResult:
 
     name: str
     persona: str
+    method: str = "auto"
+    """The method the run was asked for (the run's log says which ran)."""
     slug: str = ""
     thumbs: int = 0
     ups: int = 0
@@ -60,6 +62,7 @@ class TenantResult:
         return {
             "name": self.name,
             "persona": self.persona,
+            "method": self.method,
             "thumbs": self.thumbs,
             "up_share": self.ups / self.thumbs if self.thumbs else None,
             "promoted": self.promoted,
@@ -260,11 +263,17 @@ async def held_out_liked(
 
 
 async def run_and_wait(
-    http: httpx.AsyncClient, admin_key: str, *, poll_s: float = 3.0, say: Any = None
+    http: httpx.AsyncClient,
+    admin_key: str,
+    *,
+    poll_s: float = 3.0,
+    say: Any = None,
+    method: str | None = None,
 ) -> dict[str, Any]:
-    """Start a personalization run and follow it to its end, reporting each change."""
+    """Start a personalization run (with the policy's method, or ``method``) and follow it to
+    its end, reporting each change."""
     auth = {"Authorization": f"Bearer {admin_key}"}
-    r = await http.post("/v1/runs", json={}, headers=auth)
+    r = await http.post("/v1/runs", json={"method": method} if method else {}, headers=auth)
     r.raise_for_status()
     run_id, last = r.json()["id"], ""
     while True:

@@ -311,9 +311,15 @@ class PersonalizationActivities:
                 )
             return not activity.is_cancelled()  # False: checkpoint and stop
 
+        def phase(name: str, done: int, total: int) -> bool:
+            # Between optimizer steps: fitting the judge, GRPO's generation (a heartbeat per
+            # scored group), so a long phase is not taken for a lost worker.
+            activity.heartbeat({"phase": name, "done": done, "total": total})
+            return not activity.is_cancelled()
+
         activity.heartbeat({"step": 0, "checkpoint": None})
         try:
-            result = trainer.train(spec, progress=progress)
+            result = trainer.train(spec, progress=progress, phase=phase)
         except trainer.TrainingCancelled:
             raise  # the SDK reports it as the cancellation it is
         except trainer.NotEnoughData as exc:  # e.g. a train split with one kind of vote only
@@ -326,10 +332,16 @@ class PersonalizationActivities:
             method=result.method,
             steps=result.steps,
             examples=result.num_examples,
-            tokens=_training_tokens(inp.dataset_dir, result.method, result.steps * o.batch_size),
+            # GRPO counts what it generated and what its judge read; the offline methods, the
+            # rows they trained on.
+            tokens=int(result.metrics["tokens"])
+            if "tokens" in result.metrics
+            else _training_tokens(inp.dataset_dir, result.method, result.steps * o.batch_size),
             # The trainer's own word on where it continued (``checkpoints/checkpoint-<step>``).
             resumed_from_step=int(str(result.metrics.get("resumed_from") or "-0").rsplit("-")[-1]),
             runtime_s=result.train_runtime_s,
+            method_reason=str(result.metrics.get("method_reason", "")),
+            cpu_s=float(result.metrics.get("cpu_s") or 0.0),
         )
 
     # --- 3. evaluate --------------------------------------------------------------------------

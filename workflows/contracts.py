@@ -44,6 +44,8 @@ class RunOptions:
 
     base_model: str = "smollm2-135m-instruct"
     method: str = "auto"
+    grpo_min_questions: int = 64
+    answer_check_weight: float = 0.5
     min_feedback: int = 8
     max_steps: int | None = None
     epochs: float = 2.0
@@ -167,6 +169,10 @@ class TrainOutput:
     tokens: int
     resumed_from_step: int
     runtime_s: float
+    method_reason: str = ""
+    """Which method ran and why (``auto``'s choice, or GRPO's fallback)."""
+    cpu_s: float = 0.0
+    """The worker process's CPU seconds while it trained."""
 
 
 @dataclass(frozen=True)

@@ -184,11 +184,16 @@ class PersonalizeTenant:
             RunUpdate(
                 tenant,
                 run_id,
-                message=f"trained {trained.method} adapter in {trained.steps} steps",
+                message=f"trained {trained.method} adapter in {trained.steps} steps"
+                + (f" ({trained.method_reason})" if trained.method_reason else ""),
                 data={
                     "steps": trained.steps,
                     "runtime_s": trained.runtime_s,
+                    "cpu_s": trained.cpu_s,
                     "resumed_from_step": trained.resumed_from_step,
+                    "method": trained.method,
+                    "method_reason": trained.method_reason,
+                    "tokens": trained.tokens,
                 },
             )
         )

@@ -21,6 +21,11 @@ Prints the table and writes JSON to ``tests/bench/results/``. Run on purpose, no
 
     .venv/bin/python -m tests.bench.personalization                      # the full run
     .venv/bin/python -m tests.bench.personalization --personas plain --noise-seeds 1
+    .venv/bin/python -m tests.bench.personalization --methods kto,grpo --noise-seeds 0
+
+``--methods`` trains each persona once per method (each on a tenant of its own, served the same
+questions with the same seed) and adds a table of liked share, capability, win rate, training
+CPU and wall seconds, evaluation seconds and metered tokens per method.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.table import Table
 
 from core.settings import ApiSettings
 from trainer.simulated_users import PERSONAS
@@ -66,27 +72,80 @@ async def _tenant(http: httpx.AsyncClient, operator: str, slug: str) -> dict[str
     return {"admin": body["admin_key"]["key"], "product": body["product_key"]["key"]}
 
 
-async def _timings(http: httpx.AsyncClient, admin: str, run_id: str) -> dict[str, float]:
-    """Training seconds from the run's own event, and the whole run's wall time."""
+async def _timings(http: httpx.AsyncClient, admin: str, run_id: str) -> dict[str, Any]:
+    """From the run's own "trained" event: the method that ran and why, training wall and CPU
+    seconds, and the tokens metered (GRPO: prompt and completion tokens of its groups plus what
+    its judge read; DPO/KTO: the rows trained on)."""
     auth = {"Authorization": f"Bearer {admin}"}
     events = (await http.get(f"/v1/runs/{run_id}/events", headers=auth)).json()["data"]
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for e in events:
         if e["message"].startswith("trained "):
-            out["train_s"] = float((e.get("data") or {}).get("runtime_s") or 0.0)
+            data = e.get("data") or {}
+            out["train_s"] = float(data.get("runtime_s") or 0.0)
+            out["cpu_s"] = float(data.get("cpu_s") or 0.0)
+            out["tokens"] = int(data.get("tokens") or 0)
+            out["method"] = data.get("method")
+            out["method_reason"] = data.get("method_reason")
     return out
+
+
+def methods_table(rows: list[TenantResult], extra: dict[str, dict[str, Any]]) -> Table:
+    """The GRPO issue's table: one row per persona and method."""
+    table = Table(title="methods side by side (same traffic, same held-out questions)")
+    for col in (
+        "tenant",
+        "method (ran)",
+        "liked base → cand. (paired lift)",
+        "capability base → cand.",
+        "win rate [95 % CI]",
+        "train CPU s",
+        "train wall s",
+        "eval wall s",
+        "tokens",
+        "decision",
+    ):
+        table.add_column(col)
+    for r in rows:
+        t = extra.get(r.name, {})
+        base, cand = r.liked.get("base"), r.liked.get("adapter")
+        liked = f"{base.value:.0%} → {cand.value:.0%}" if base and cand else "-"
+        if r.lift is not None:
+            pts = [round(100 * x) for x in (r.lift.value, r.lift.low, r.lift.high)]
+            liked += f" ({pts[0]:+d} pts [{pts[1]:+d}, {pts[2]:+d}], n={r.lift.n})"
+        cap = r.report.get("capability_base"), r.report.get("capability_candidate")
+        win = (r.report.get("ci") or {}).get("win_rate")
+        table.add_row(
+            r.name,
+            f"{r.method} ({t.get('method') or '-'})",
+            liked,
+            f"{cap[0]:.0%} → {cap[1]:.0%}" if None not in cap else "-",
+            f"{win['value']:.2f} [{win['low']:.2f}, {win['high']:.2f}]" if win else "-",
+            f"{t.get('cpu_s', 0):.0f}",
+            f"{t.get('train_s', 0):.0f}",
+            f"{t.get('eval_s', 0):.0f}",
+            str(t.get("tokens", "-")),
+            "promoted" if r.promoted else "not promoted",
+        )
+    return table
 
 
 async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     settings = ApiSettings(base_model=args.base, data_dir=Path(args.data_dir))
     operator = await _operator_key(settings)
     settings = settings.model_copy(update={"port": free_port()})
-    tenants = [(p, p, 0) for p in args.personas] + [
+    # One tenant per persona and method, all served the same questions with the same seed.
+    named = args.methods != ["auto"]
+    tenants = [(f"{p}-{m}" if named else p, p, 0) for p in args.personas for m in args.methods] + [
         (f"noise-{s}", "noise", s) for s in range(args.noise_seeds)
     ]
+    method_of = {(f"{p}-{m}" if named else p): m for p in args.personas for m in args.methods}
     traffic, held_out = split_questions(args.traffic, args.held_out, seed=args.seed)
-    results = {name: TenantResult(name=name, persona=persona) for name, persona, _ in tenants}
-    extra: dict[str, dict[str, float]] = {}
+    results = {
+        name: TenantResult(name=name, persona=persona, method=method_of.get(name, "auto"))
+        for name, persona, _ in tenants
+    }
+    extra: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
     async with (
         embedded_stack(settings, temporal_port=free_port(), ui_port=free_port()) as stack,
@@ -124,6 +183,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 keys[name]["admin"],
                 poll_s=10,
                 say=lambda s: console.print(f"{name}: {s}"),
+                method=None if results[name].method == "auto" else results[name].method,
             )
             results[name].run, results[name].run_s = run, time.monotonic() - t0
             if run.get("adapter_version_id"):
@@ -151,6 +211,8 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             )
     rows = [results[n] for n, _, _ in tenants]
     console.print(results_table(rows, f"personalization on {args.base}, default policy"))
+    if named:
+        console.print(methods_table([r for r in rows if r.persona != "noise"], extra))
     for r in rows:
         t = extra.get(r.name, {})
         console.print(
@@ -173,6 +235,12 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--personas", type=lambda s: s.split(","), default="plain,prose,bullets")
     parser.add_argument("--noise-seeds", type=int, default=5)
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["auto"],
+        help="training methods, each on its own tenant per persona (e.g. dpo,kto,grpo)",
+    )
     parser.add_argument("--traffic", type=int, default=240, help="questions per tenant")
     parser.add_argument("--held-out", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=96)
@@ -181,6 +249,9 @@ def main() -> None:
     args = parser.parse_args()
     if isinstance(args.personas, str):
         args.personas = args.personas.split(",")
+    for m in args.methods:
+        if m not in ("auto", "dpo", "kto", "grpo"):
+            sys.exit(f"unknown method {m!r}; known: auto, dpo, kto, grpo")
     for p in args.personas:
         if p not in PERSONAS or p == "noise":
             sys.exit(

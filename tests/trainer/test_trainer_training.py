@@ -123,7 +123,15 @@ def test_grpo_with_a_reward_function(
         return -len(answer) / 100
 
     result = train(
-        _spec(data_dir, tmp_path, compiled, method="grpo", max_steps=2, max_completion_length=16),
+        _spec(
+            data_dir,
+            tmp_path,
+            compiled,
+            method="grpo",
+            max_steps=2,
+            batch_size=1,
+            max_completion_length=16,
+        ),
         reward_fn=shorter_is_better,
     )
     assert result.method == "grpo" and result.steps == 2
@@ -156,14 +164,30 @@ def test_reward_model_ranks_chosen_above_rejected(
     assert wins == len(pairs)
 
 
-def test_grpo_without_reward_fn_trains_a_reward_model_first(
+def test_grpo_with_a_given_reward_model(
     data_dir: Path, tmp_path: Path, compiled: CompiledDataset
 ) -> None:
-    result = train(
-        _spec(data_dir, tmp_path, compiled, method="grpo", max_steps=1, max_completion_length=8)
+    rm = train_reward_model(
+        base_model="tiny-random",
+        data=compiled,
+        output_dir=tmp_path / "rm",
+        data_dir=data_dir,
+        max_steps=2,
     )
-    assert (tmp_path / "reward_model" / "adapter_model.safetensors").is_file()
-    assert result.steps == 1
+    result = train(
+        _spec(
+            data_dir,
+            tmp_path / "run",
+            compiled,
+            method="grpo",
+            max_steps=1,
+            max_completion_length=8,
+            reward_model=rm.adapter_dir,
+        )
+    )
+    assert result.method == "grpo" and result.steps == 1
+    assert result.metrics["method_reason"] == "GRPO, as asked, with the reward it was given"
+    assert not (tmp_path / "run" / "judge.json").exists()  # no judge was needed
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(

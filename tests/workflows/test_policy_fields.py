@@ -37,6 +37,8 @@ def test_field_sets_agree() -> None:
 def test_every_shared_setting_reaches_the_run_unchanged() -> None:
     changed = TrainingPolicy(
         method="kto",
+        grpo_min_questions=32,
+        answer_check_weight=1.0,
         min_feedback=9,
         max_steps=7,
         epochs=3.0,
@@ -68,7 +70,8 @@ def test_defaults_agree_along_the_path() -> None:
     for name in GATE:
         assert getattr(options, name) == getattr(gate, name), name
     spec_defaults = {f.name: f.default for f in fields(TrainSpec)}
-    for name in ("rank", "learning_rate", "epochs", "batch_size", "method", "seed"):
+    trained = ("rank", "learning_rate", "epochs", "batch_size", "method", "seed")
+    for name in (*trained, "grpo_min_questions", "answer_check_weight", "min_judge_auroc"):
         assert getattr(options, name) == spec_defaults[name], name
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from temporalio.client import Client
 
 from core.db import create_sessionmaker
 from core.ids import new_id
-from core.models import AdapterVersion, TrainingRun
+from core.models import AdapterVersion, RunEvent, TrainingRun
 from tests.conftest import TUNELOOP, Backend, free_port, tuneloop_env
 from tests.workflows.conftest import setup_tenant
+from tests.workflows.test_judgment import logs
 from workflows.contracts import (
     CPU_QUEUE,
     PERSONALIZE_WORKFLOW,
@@ -183,6 +185,51 @@ async def test_killed_worker_resumes_from_its_checkpoint(
     resumed = json.loads(payload)["resumed_from_step"]
     # From a checkpoint written before the kill (the progress row lags by up to 2 s), not from 0.
     assert 0 < resumed < 400 and resumed % OPTIONS.checkpoint_every == 0, (resumed, killed_at)
+
+
+async def test_a_killed_grpo_worker_resumes_with_the_judge_it_fitted(
+    stack: Stack,
+    client,
+    make_tenant,
+    backend: Backend,  # type: ignore[no-untyped-def]
+) -> None:
+    """Killed in GRPO's generation phase: the retry reuses the judge the first attempt fitted
+    (it is not fitted again) and continues from the last checkpoint."""
+    t = await make_tenant()
+    r = await client.post("/v1/feedback", headers=t.auth(), json={"items": logs(seed=3)})
+    assert r.status_code == 201, r.text
+    first = stack.start_worker()
+    tclient = await Client.connect(stack.address)
+    run_id = new_id("run")
+    options = replace(OPTIONS, method="grpo", max_steps=60)
+    await tclient.start_workflow(
+        PERSONALIZE_WORKFLOW,
+        PersonalizeInput(tenant_id=t.id, run_id=run_id, trigger="test", options=options),
+        id=personalize_workflow_id(t.id),
+        task_queue=CPU_QUEUE,
+    )
+    await _wait_for_step(backend, run_id, 12)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    judge = backend.settings.data_dir / "runs" / t.id / run_id / "train" / "judge.json"
+    fitted = judge.read_bytes(), judge.stat().st_mtime_ns
+    stack.start_worker()
+    handle = tclient.get_workflow_handle(
+        personalize_workflow_id(t.id), result_type=PersonalizeResult
+    )
+    result = await handle.result()
+    assert result.status == "succeeded", result
+    assert (judge.read_bytes(), judge.stat().st_mtime_ns) == fitted  # reused, not refitted
+    async with create_sessionmaker(backend.engine)() as s:
+        trained = await s.scalar(
+            select(RunEvent).where(
+                RunEvent.run_id == run_id, RunEvent.message.startswith("trained")
+            )
+        )
+    assert trained is not None and trained.data["method"] == "grpo", trained
+    assert trained.data["method_reason"].startswith("GRPO, as asked, rewarded by the tenant's")
+    assert 0 < trained.data["resumed_from_step"] < 60
+    assert trained.data["tokens"] > 0
 
 
 async def test_run_survives_a_temporal_server_restart(

@@ -50,6 +50,16 @@ TRAFFIC = 120
 """Distinct questions each tenant's users ask (about half get a thumb)."""
 HELD_OUT = 30
 MAX_TOKENS = 96
+METHODS = ("auto", "dpo", "kto", "grpo")
+METHOD_ENV = "TUNELOOP_DEMO_METHOD"
+"""The training method the demo's runs ask for (default: the policy's, ``auto``)."""
+
+
+def demo_method() -> str:
+    method = os.environ.get(METHOD_ENV, "auto").strip().lower() or "auto"
+    if method not in METHODS:
+        raise RuntimeError(f"{METHOD_ENV} must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
 
 
 async def _operator_key(settings: ApiSettings) -> str:
@@ -64,7 +74,7 @@ async def _operator_key(settings: ApiSettings) -> str:
     return issued.secret
 
 
-async def _demo(settings: ApiSettings, console: Console) -> None:
+async def _demo(settings: ApiSettings, console: Console, method: str) -> None:
     started = time.monotonic()
     operator = await _operator_key(settings)
     settings = settings.model_copy(update={"port": free_port()})
@@ -128,13 +138,17 @@ async def _demo(settings: ApiSettings, console: Console) -> None:
 
             console.print(
                 "[bold]2. personalization runs[/] with the default policy (compile → train → "
-                "judge → evaluate → gate → promote)"
+                "judge → evaluate → gate → promote), method "
+                + (f"{method} ({METHOD_ENV})" if method != "auto" else "auto")
             )
 
             async def personalize(t: str) -> None:
                 t0 = time.monotonic()
                 run = await run_and_wait(
-                    http, keys[t]["admin"], say=lambda line: console.print(f"  {t}: {line}")
+                    http,
+                    keys[t]["admin"],
+                    say=lambda line: console.print(f"  {t}: {line}"),
+                    method=None if method == "auto" else method,
                 )
                 results[t].run, results[t].run_s = run, time.monotonic() - t0
                 if run.get("adapter_version_id"):
@@ -203,7 +217,8 @@ def run_demo(settings: ApiSettings) -> None:
     # The demo prints its own progress; the libraries' bars would bury it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    method = demo_method()  # before anything starts: a typo is refused at once
     # Wide enough for the results table when the output is a file or a pipe, not a terminal.
     asyncio.run(
-        _demo(settings, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180))
+        _demo(settings, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180), method)
     )

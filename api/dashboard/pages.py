@@ -429,10 +429,20 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
     )
     metrics = [e.data or {} for e in events if e.type == "metrics"]
     loss = charts.Series("loss", [(m["step"], m["loss"]) for m in metrics if _num(m, "loss")])
-    reward_keys = sorted({k for m in metrics for k in m if k.startswith("rewards/")})[:3]
+    logged = {k for m in metrics for k in m}
+    if "reward" in logged:
+        # GRPO: the weighted reward, and each reward function's mean (judge, answer check).
+        names = {
+            k: k.split("/")[1] for k in logged if k.startswith("rewards/") and k.endswith("/mean")
+        }
+        reward_keys = {"reward": "reward (weighted)", **dict(sorted(names.items()))}
+    else:  # DPO/KTO: implicit rewards of the chosen and rejected answers, and their margin
+        reward_keys = {k: k for k in sorted(k for k in logged if k.startswith("rewards/"))[:3]}
     rewards = [
-        charts.Series(k, [(m["step"], m[k]) for m in metrics if _num(m, k)]) for k in reward_keys
+        charts.Series(label, [(m["step"], m[k]) for m in metrics if _num(m, k)])
+        for k, label in reward_keys.items()
     ]
+    kl = charts.Series("KL", [(m["step"], m["kl"]) for m in metrics if _num(m, "kl")])
     progress = run.progress or {}
     total = progress.get("total_steps") or 0
     percent = min(100, round(100 * progress.get("step", 0) / total)) if total else None
@@ -448,6 +458,11 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
         "progress": progress,
         "loss_chart": charts.line_chart("Training loss", [loss], x_label="steps"),
         "reward_chart": charts.line_chart("Rewards", rewards, x_label="steps") if rewards else None,
+        "kl_chart": (
+            charts.line_chart("KL to the base model (nats/token)", [kl], x_label="steps")
+            if kl.points
+            else None
+        ),
         # Metrics are in the charts; the log keeps what a person reads.
         "events": [e for e in events if e.type != "metrics"],
     }

@@ -185,6 +185,38 @@ async def test_product_keys_and_open_redirects_are_refused(
     assert r.headers["location"] == "/dashboard/runs"
 
 
+async def test_a_grpo_run_page_plots_reward_and_kl_beside_the_loss(
+    login: Session, tenant: TenantKeys, backend: Backend
+) -> None:
+    async with create_sessionmaker(backend.engine)() as db:
+        run = TrainingRun(tenant_id=tenant.id, status=RunStatus.running, method="grpo")
+        db.add(run)
+        await db.flush()
+        for step in (1, 2, 3):
+            data = {"step": step, "total_steps": 3, "loss": 0.01 * step, "kl": 0.02 * step}
+            data |= {"reward": 0.5 + 0.1 * step, "reward_std": 0.2}
+            data |= {"rewards/judge/mean": 0.4 + 0.1 * step, "rewards/judge/std": 0.1}
+            data |= {"rewards/answer_check/mean": 1.0, "frac_reward_zero_std": 0.25}
+            db.add(
+                RunEvent(
+                    tenant_id=tenant.id,
+                    run_id=run.id,
+                    level="info",
+                    type="metrics",
+                    message=f"step {step}/3",
+                    data=data,
+                )
+            )
+        await db.commit()
+        run_id = run.id
+    c = await login(tenant.admin)
+    page = (await c.get(f"/dashboard/runs/{run_id}")).text
+    for series in ("loss", "reward (weighted)", "judge", "answer_check", "KL"):
+        assert f'data-series="{series}"' in page, series
+    assert 'data-series="rewards/judge/std"' not in page  # spreads stay in the log's data
+    assert page.count('<svg class="chart"') == 3 and 'id="kl-chart"' in page
+
+
 async def test_every_page_renders_for_an_admin(
     login: Session, tenant: TenantKeys, backend: Backend, client: httpx.AsyncClient
 ):

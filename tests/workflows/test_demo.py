@@ -26,3 +26,12 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     assert "failed: " not in out and "Traceback" not in out, out[-4000:]
     assert "Temporal UI: http://127.0.0.1:" in out
     assert "/dashboard" in out and "plain: tl_a" in out
+
+
+def test_demo_method_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    env = tuneloop_env(tmp_path)
+    env["TUNELOOP_DEMO_METHOD"] = "sideways"
+    r = subprocess.run([TUNELOOP, "demo"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "TUNELOOP_DEMO_METHOD must be one of auto, dpo, kto, grpo, got 'sideways'" in r.stderr
+    assert "tuneloop is up" not in r.stdout

@@ -44,6 +44,9 @@ METERS = (INFERENCE_TOKENS, TRAINING_TOKENS)
 _MICRO = Decimal("0.000001")
 # Rows a training step sees; RunOptions.batch_size's default (the policy does not change it).
 _TRAIN_BATCH = 4
+# Answers GRPO samples per question; TrainSpec.num_generations' default (the policy does not
+# change it). A GRPO run generates and trains on that many answers for every question it sees.
+_GRPO_ANSWERS = 4
 # Characters per token for feedback that carries its own text (no interaction to count from):
 # the usual rule of thumb for English with BPE tokenizers.
 _CHARS_PER_TOKEN = 4
@@ -252,8 +255,12 @@ async def estimate_run_cost(
 
     Training tokens are estimated as ``epochs`` times the tokens of the tenant's feedback (an
     interaction's counted tokens when the feedback rates one, else its text's length / 4),
-    limited by ``max_steps`` times the batch size. That errs high: the meter itself counts words,
-    which are fewer than model tokens. ``policy`` defaults to the tenant's stored policy;
+    limited by ``max_steps`` times the batch size. That errs high: the meter counts DPO/KTO in
+    words, which are fewer than model tokens. A run that may train with GRPO (``grpo``, or
+    ``auto`` with at least ``grpo_min_questions`` feedback items) is estimated as generating
+    ``_GRPO_ANSWERS`` answers as long as the served ones for every question, plus one reading of
+    the feedback by the judge; GRPO is metered in model tokens, and ``auto`` may still pick
+    KTO or DPO, so this errs high too. ``policy`` defaults to the tenant's stored policy;
     ``config`` as in ``usage_summary``. Raises ``NotFound`` for an unknown tenant.
     """
     config = config or BillingConfig()
@@ -280,9 +287,15 @@ async def estimate_run_cost(
         )
     ).one()
     count, total = int(count), int(total)
-    tokens = math.ceil(policy.epochs * total)
+    grpo = policy.method == "grpo" or (
+        policy.method == "auto" and count >= policy.grpo_min_questions
+    )
+    per_row = _GRPO_ANSWERS if grpo else 1
+    tokens = math.ceil(policy.epochs * total * per_row)
     if policy.max_steps is not None and count:
-        tokens = min(tokens, math.ceil(total / count * policy.max_steps * _TRAIN_BATCH))
+        tokens = min(tokens, math.ceil(total / count * policy.max_steps * _TRAIN_BATCH * per_row))
+    if grpo:
+        tokens += total  # the judge reads the feedback once
     cost = config.cost(TRAINING_TOKENS, tokens)
     spent = await _spent(session, tenant_id, month_start(), config)
     budget = _budget(policy)

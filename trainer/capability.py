@@ -30,7 +30,6 @@ __all__ = [
     "CapabilityResult",
     "CapabilityTask",
     "check_answer",
-    "degenerate",
     "load_capability_suite",
     "run_capability_suite",
 ]
@@ -227,7 +226,7 @@ def _words(text: str) -> list[str]:
     return [w.casefold() for w in _WORD.findall(text.translate(_APOSTROPHES))]
 
 
-def degenerate(answer: str) -> bool:
+def _degenerate(answer: str) -> bool:
     """Empty, a refusal, or one word over and over: no task may pass with these."""
     words = _words(answer)
     if not words:
@@ -381,7 +380,7 @@ def check_answer(task: CapabilityTask, answer: str) -> bool:
     Every kind first rejects degenerate answers (empty, a refusal, one word repeated), so a
     model cannot pass a task by saying nothing, whatever its shape.
     """
-    if degenerate(answer):
+    if _degenerate(answer):
         return False
     p = task.params
     if task.kind == "max_words":

@@ -17,9 +17,11 @@ carries that AUROC (with n and interval) and the Brier score either way.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,17 +181,22 @@ def train_thumbs_judge(
 
     splits = min(5, n_up, n_down)
     pipe = probe(splits)
-    pipe.fit(x, y)
+    # A few hundred small fits take seconds, or minutes on a loaded CPU, with no batches to
+    # count: the caller hears from a timer meanwhile (the fits always end: max_iter bounds them).
+    fitting = _Heartbeats(beat, len(train), total)
+    with fitting:
+        pipe.fit(x, y)
     # Out-of-fold P(up) for every train thumb, each from a probe (with its own inner choice of
     # strength) that never saw it: with the held-out split, the judge is checked on all the
     # tenant's thumbs instead of the held-out fifth alone, which is a dozen on sparse logs.
-    out_of_fold = cross_val_predict(
-        probe(max(2, splits - 1)),
-        x,
-        y,
-        cv=StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed + 1),
-        method="predict_proba",
-    )[:, 1]
+    with fitting:
+        out_of_fold = cross_val_predict(
+            probe(max(2, splits - 1)),
+            x,
+            y,
+            cv=StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed + 1),
+            method="predict_proba",
+        )[:, 1]
     scaler, fitted = pipe[0], pipe[-1]
     coef = fitted.coef_[0] / scaler.scale_
     bias = float(fitted.intercept_[0] - (coef * scaler.mean_).sum())
@@ -268,3 +275,44 @@ def _counted(
         return None
     report = beat
     return lambda done, _: report(before + done, total)
+
+
+class _Heartbeats:
+    """Calls ``beat(done, total)`` every ``every_s`` seconds from a timer thread while the block
+    runs. The thread runs in a copy of the caller's context, so a Temporal activity's heartbeat
+    works from it."""
+
+    def __init__(
+        self, beat: Callable[[int, int], None] | None, done: int, total: int, every_s: float = 5.0
+    ) -> None:
+        self.beat, self.done, self.total, self.every_s = beat, done, total, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        assert self.beat is not None
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat(self.done, self.total)
+            except BaseException as exc:  # a cancel raised by the beat: re-raised in the caller
+                self.error = exc
+                return
+
+    def __enter__(self) -> None:
+        if self.beat is None:
+            return
+        self._stop.clear()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), daemon=True)
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

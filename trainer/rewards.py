@@ -9,7 +9,7 @@ base model, so the policy being trained cannot move the judge that scores it.
 
 A judge learned from a hundred thumbs can be fooled: the policy may find answers it scores
 highly that no user would like (empty, one word over and over). The code-checked reward pays for
-answers that are answers; TRL's ``beta`` keeps the policy near the base; and every candidate
+answers that are answers at all; TRL's ``beta`` keeps the policy near the base; and every candidate
 still faces the gate's capability suite, KL and perplexity bounds.
 """
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trainer.base_models import load_base_model
-from trainer.capability import degenerate
 from trainer.compiler import CompiledDataset
 from trainer.judge import JudgeQuality, ThumbsJudge, train_thumbs_judge
 
@@ -76,21 +76,24 @@ class JudgeReward:
         return scores
 
 
-def _looping(answer: str) -> bool:
-    """One word is more than half of a longer answer: a generation stuck in a loop."""
-    words = answer.casefold().split()
-    return len(words) >= 4 and Counter(words).most_common(1)[0][1] / len(words) > 0.5
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _no_answer(answer: str) -> bool:
+    """Nothing but spaces and punctuation, one word over and over, or one word making more than
+    half of a longer answer (a generation stuck in a loop). A refusal or "I'm not sure" is an
+    answer: the judge, not this check, says whether users like it."""
+    words = [w.casefold() for w in _WORD.findall(answer)]
+    if not words:
+        return True
+    top = Counter(words).most_common(1)[0][1]
+    return (len(words) > 1 and top == len(words)) or (len(words) >= 4 and top / len(words) > 0.5)
 
 
 def answer_check(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
-    """1 for an answer, 0 for what is none: empty, a refusal, one word repeated (the capability
-    suite's own rule), or a loop on one word. Cheap, checked by code, and immune to the judge's
-    blind spots."""
-    out: list[float] = []
-    for completion in completions:
-        text = _text(completion)
-        out.append(0.0 if degenerate(text) or _looping(text) else 1.0)
-    return out
+    """1 for an answer, 0 for what is none (:func:`_no_answer`). Cheap, checked by code, and
+    blind to what the judge is blind to."""
+    return [0.0 if _no_answer(_text(c)) else 1.0 for c in completions]
 
 
 answer_check.__name__ = "answer_check"

@@ -66,6 +66,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE)
+CHECKPOINT_METHOD = "method.txt"
+"""In ``checkpoints/``: the method that wrote them (a retry resumes only the same method)."""
 JUDGE_FILE = "judge.json"
 """The tenant's judge a GRPO run fitted, in its output directory (a retry reuses it)."""
 
@@ -322,6 +324,15 @@ def plan_method(
     return method, f"{method.upper()}, as asked"
 
 
+def _check_method_settings(spec: TrainSpec, method: str) -> None:
+    """The spec's checks for the method that will run (``auto`` or a GRPO fallback resolves to
+    one the spec was not checked for)."""
+    if method == "kto" and spec.batch_size < 2:
+        raise InvalidSpec("KTO estimates its KL term across a batch: batch_size must be >= 2")
+    if method != "grpo" and spec.beta <= 0:
+        raise InvalidSpec(f"{method.upper()} needs a positive beta, got {spec.beta}")
+
+
 def _total_steps_hint(spec: TrainSpec, n_rows: int) -> int:
     if spec.max_steps is not None:
         return spec.max_steps
@@ -573,8 +584,9 @@ def _last_checkpoint(checkpoints: Path) -> str | None:
     return get_last_checkpoint(str(checkpoints))
 
 
-def _finished_result(spec: TrainSpec, method: str, data: CompiledDataset) -> TrainResult | None:
-    """The result of an earlier, completed run of this same spec and data, if there is one."""
+def _finished_result(spec: TrainSpec, data: CompiledDataset) -> TrainResult | None:
+    """The result of an earlier, completed run of this same spec and data, if there is one
+    (whichever method it resolved to: a retry of an ``auto`` run that chose KTO is done)."""
     adapter_dir = spec.output_dir / "adapter"
     metrics_path = adapter_dir / METRICS_FILE
     if not metrics_path.is_file():
@@ -585,7 +597,7 @@ def _finished_result(spec: TrainSpec, method: str, data: CompiledDataset) -> Tra
         return None
     same = (
         metrics.get("data_content_hash") == data.card.content_hash
-        and metrics.get("method") == method
+        and metrics.get("requested_method", metrics.get("method")) == spec.method
         and metrics.get("base_model") == spec.base_model
         and metrics.get("rank") == spec.rank
     )
@@ -596,7 +608,7 @@ def _finished_result(spec: TrainSpec, method: str, data: CompiledDataset) -> Tra
     return TrainResult(
         adapter_dir=adapter_dir,
         weights_sha256=str(metrics["weights_sha256"]),
-        method=method,
+        method=str(metrics["method"]),
         base_model=spec.base_model,
         rank=spec.rank,
         steps=int(metrics["steps"]),
@@ -705,6 +717,10 @@ def train(
 
     started, cpu_started = time.monotonic(), time.process_time()
     data = spec.data if isinstance(spec.data, CompiledDataset) else load_compiled(spec.data)
+    if spec.resume:
+        finished = _finished_result(spec, data)
+        if finished is not None:  # a retry after the run completed: nothing left to do
+            return finished
     tenant_judge: TenantJudge | None = None
     if reward_fn is None and needs_judge(spec, data):
         tenant_judge = _tenant_judge(spec, data, phase)
@@ -716,16 +732,20 @@ def train(
     logger.info("%s", method_reason)
     if method != "grpo":
         tenant_judge = None  # frees its copy of the base model
+    _check_method_settings(spec, method)
     rows = _rows(method, data)
-    if spec.resume:
-        finished = _finished_result(spec, method, data)
-        if finished is not None:  # a retry after the run completed: nothing left to do
-            return finished
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = spec.output_dir / "checkpoints"
+    marker = checkpoints / CHECKPOINT_METHOD
+    if checkpoints.exists() and (
+        not spec.resume or not marker.is_file() or marker.read_text().strip() != method
+    ):
+        # A fresh run must not mix with an old one's checkpoints, nor a retry with those of
+        # another method (an attempt before a deploy changed the rule, say).
+        shutil.rmtree(checkpoints)
     resume_from = _last_checkpoint(checkpoints) if spec.resume else None
-    if not spec.resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)  # a fresh run must not mix with an old one's checkpoints
+    checkpoints.mkdir(exist_ok=True)
+    marker.write_text(method + "\n")
 
     total_hint = _total_steps_hint(spec, len(rows))
     reporter = _make_callback(progress, total_hint, started)
@@ -790,6 +810,7 @@ def train(
         "data_content_hash": data.card.content_hash,
         "resumed_from": resume_from,
         "method_reason": method_reason,
+        "requested_method": spec.method,
     }
     if method == "grpo":
         # Metered: prompt and completion tokens of every sampled group (TRL's count, kept in

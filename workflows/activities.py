@@ -182,6 +182,8 @@ class PersonalizationActivities:
                 run.dataset_id = upd.dataset_id
             if upd.version_id is not None:
                 run.adapter_version_id = upd.version_id
+            if upd.method is not None:
+                run.method = upd.method
             if upd.progress is not None:
                 merged = {**(run.progress or {}), **upd.progress}
                 run.progress = {k: v for k, v in merged.items() if v is not None}

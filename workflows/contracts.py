@@ -132,6 +132,8 @@ class RunUpdate:
     reason: str | None = None
     dataset_id: str | None = None
     version_id: str | None = None
+    method: str | None = None
+    """The method training ran with (``auto`` resolved, or GRPO's fallback)."""
     data: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     """Keys merged into the run's ``progress``; a key whose value is None is removed."""
@@ -172,7 +174,8 @@ class TrainOutput:
     method_reason: str = ""
     """Which method ran and why (``auto``'s choice, or GRPO's fallback)."""
     cpu_s: float = 0.0
-    """The worker process's CPU seconds while it trained."""
+    """The worker process's CPU seconds from the start to the end of training: the training's,
+    plus whatever else the process ran meanwhile (other activities on a shared worker)."""
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ class PersonalizeTenant:
             RunUpdate(
                 tenant,
                 run_id,
+                method=trained.method,
                 message=f"trained {trained.method} adapter in {trained.steps} steps"
                 + (f" ({trained.method_reason})" if trained.method_reason else ""),
                 data={

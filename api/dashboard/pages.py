@@ -442,6 +442,7 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
         charts.Series(label, [(m["step"], m[k]) for m in metrics if _num(m, k)])
         for k, label in reward_keys.items()
     ]
+    # GRPO logs the per-token KL its beta penalizes; KTO, its batch's KL estimate.
     kl = charts.Series("KL", [(m["step"], m["kl"]) for m in metrics if _num(m, "kl")])
     progress = run.progress or {}
     total = progress.get("total_steps") or 0
@@ -459,9 +460,7 @@ async def _live_context(db: AsyncSession, tenant_id: str, run: TrainingRun) -> d
         "loss_chart": charts.line_chart("Training loss", [loss], x_label="steps"),
         "reward_chart": charts.line_chart("Rewards", rewards, x_label="steps") if rewards else None,
         "kl_chart": (
-            charts.line_chart("KL to the base model (nats/token)", [kl], x_label="steps")
-            if kl.points
-            else None
+            charts.line_chart("KL to the base model", [kl], x_label="steps") if kl.points else None
         ),
         # Metrics are in the charts; the log keeps what a person reads.
         "events": [e for e in events if e.type != "metrics"],

@@ -119,6 +119,18 @@ async def test_estimate_scales_with_feedback_epochs_and_max_steps(backend: Backe
             policy=TrainingPolicy(epochs=2.0, max_steps=1),
         )
     assert capped.training_tokens == 400  # 100 tokens a row x 1 step x 4 rows a step
+    async with create_sessionmaker(backend.engine)() as session:
+        grpo = await estimate_run_cost(
+            session, tenant_id=tenant_id, config=PRICES, policy=TrainingPolicy(method="grpo")
+        )
+        auto_may_pick_grpo = await estimate_run_cost(
+            session,
+            tenant_id=tenant_id,
+            config=PRICES,
+            policy=TrainingPolicy(grpo_min_questions=10),
+        )
+    # Four sampled answers per question over two epochs, and the judge's one reading.
+    assert grpo.training_tokens == auto_may_pick_grpo.training_tokens == 2 * 1000 * 4 + 1000
 
 
 async def test_budget_refuses_a_run_and_says_the_numbers(backend: Backend) -> None:

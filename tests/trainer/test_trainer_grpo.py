@@ -14,6 +14,7 @@ from tests.conftest import short_or_long
 from trainer import (
     CompiledDataset,
     FeedbackRecord,
+    InvalidSpec,
     TrainingCancelled,
     TrainSpec,
     compile_feedback,
@@ -148,5 +149,26 @@ def test_cancel_during_generation_checkpoints_and_a_retry_resumes_with_the_same_
 
 
 def test_the_answer_check_pays_for_answers_only() -> None:
-    answers = ["Use a wrench.", "", "yes yes yes yes", "I don't know", "the the the cat the the"]
+    answers = ["Use a wrench.", "", " ... ", "yes yes yes yes", "the the the cat the the"]
     assert answer_check([None] * 5, answers) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # Declining or saying one is unsure is an answer; whether users like it is the judge's call.
+    assert answer_check([None] * 2, ["I can't help with that.", "I'm not sure."]) == [1.0, 1.0]
+
+
+def test_a_fallback_is_checked_for_the_method_it_falls_back_to(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Valid for GRPO (one question a step), not for KTO (its KL term needs a batch).
+    with pytest.raises(InvalidSpec, match="KTO estimates its KL term"):
+        train(_spec(data_dir, tmp_path, logs(2, coin_flips=True), batch_size=1))
+
+
+def test_a_retry_never_resumes_another_methods_checkpoint(
+    data_dir: Path, tmp_path: Path, tastes: CompiledDataset
+) -> None:
+    kto = _spec(data_dir, tmp_path, tastes, method="kto", max_steps=4, checkpoint_every=2)
+    with pytest.raises(TrainingCancelled):
+        train(kto, progress=lambda p: p.step < 2)
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    grpo = train(_spec(data_dir, tmp_path, tastes, max_steps=2, resume=True))
+    assert grpo.method == "grpo" and grpo.metrics["resumed_from"] is None

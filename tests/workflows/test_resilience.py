@@ -193,8 +193,9 @@ async def test_a_killed_grpo_worker_resumes_with_the_judge_it_fitted(
     make_tenant,
     backend: Backend,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Killed in GRPO's generation phase: the retry reuses the judge the first attempt fitted
-    (it is not fitted again) and continues from the last checkpoint."""
+    """Killed mid-training (every GRPO step generates and scores its groups first): the retry
+    reuses the judge the first attempt fitted (it is not fitted again) and continues from the
+    last checkpoint."""
     t = await make_tenant()
     r = await client.post("/v1/feedback", headers=t.auth(), json={"items": logs(seed=3)})
     assert r.status_code == 201, r.text

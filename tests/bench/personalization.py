@@ -233,7 +233,12 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
-    parser.add_argument("--personas", type=lambda s: s.split(","), default="plain,prose,bullets")
+    parser.add_argument(
+        "--personas",
+        type=lambda s: [p for p in s.split(",") if p],
+        default="plain,prose,bullets",
+        help="comma-separated; empty for noise tenants only",
+    )
     parser.add_argument("--noise-seeds", type=int, default=5)
     parser.add_argument(
         "--methods",
@@ -248,7 +253,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=".tuneloop-bench")
     args = parser.parse_args()
     if isinstance(args.personas, str):
-        args.personas = args.personas.split(",")
+        args.personas = [p for p in args.personas.split(",") if p]
     for m in args.methods:
         if m not in ("auto", "dpo", "kto", "grpo"):
             sys.exit(f"unknown method {m!r}; known: auto, dpo, kto, grpo")

@@ -23,9 +23,11 @@ Prints the table and writes JSON to ``tests/bench/results/``. Run on purpose, no
     .venv/bin/python -m tests.bench.personalization --personas plain --noise-seeds 1
     .venv/bin/python -m tests.bench.personalization --methods kto,grpo --noise-seeds 0
 
-``--methods`` trains each persona once per method (each on a tenant of its own, served the same
-questions with the same seed) and adds a table of liked share, capability, win rate, training
-CPU and wall seconds, evaluation seconds and metered tokens per method.
+``--judge-bar`` lowers the judge's bar for the persona tenants only (not the policy's
+default: say so wherever its numbers go). ``--methods`` trains each persona once per method
+(each on a tenant of its own, served the same questions with the same seed) and adds a table of
+liked share, capability, win rate, training CPU and wall seconds, evaluation seconds and metered
+tokens per method.
 """
 
 from __future__ import annotations
@@ -153,6 +155,15 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     ):
         stamp = time.strftime("%H%M%S")
         keys = {n: await _tenant(http, operator, f"{n}-{stamp}") for n, _, _ in tenants}
+        if args.judge_bar is not None:  # persona tenants only: the noise tenants keep the default
+            for name, persona, _ in tenants:
+                if persona != "noise":
+                    put = await http.put(
+                        "/v1/policy",
+                        headers={"Authorization": f"Bearer {keys[name]['admin']}"},
+                        json={"min_judge_auroc": args.judge_bar},
+                    )
+                    put.raise_for_status()
         console.print(f"traffic: {len(traffic)} questions per tenant, {len(tenants)} tenants")
         liked = dict(
             zip(
@@ -245,6 +256,13 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=["auto"],
         help="training methods, each on its own tenant per persona (e.g. dpo,kto,grpo)",
+    )
+    parser.add_argument(
+        "--judge-bar",
+        type=float,
+        default=None,
+        help="min_judge_auroc for the persona tenants (default: the policy's 0.65); a lower bar "
+        "lets GRPO run on a weaker judge, and lets that judge decide the win rate",
     )
     parser.add_argument("--traffic", type=int, default=240, help="questions per tenant")
     parser.add_argument("--held-out", type=int, default=60)

@@ -134,7 +134,9 @@ async def test_soak_with_a_promotion_mid_way(
     personal, bystander = await make_tenant(), await make_tenant()
     # Feedback enough for a run, and a fast policy; enough steps that training overlaps a good
     # stretch of the traffic.
-    await setup_tenant(http, personal, max_steps=40)
+    # DPO named: the soak's random thumbs on hundreds of distinct questions would have `auto`
+    # fit a judge first (and fall back, the thumbs being coin flips): a longer run, no more.
+    await setup_tenant(http, personal, max_steps=40, method="dpo")
     soak = Soak()
     # Warm-up: the model loads on the first request; that is not what is measured.
     for t in (personal, bystander):
@@ -170,7 +172,8 @@ async def test_soak_with_a_promotion_mid_way(
     async def clients() -> None:
         # ``stop`` may move later once the promotion is known: clients check it each round.
         tenants = [personal, bystander]
-        while time.monotonic() < stop:
+        # Until ``stop``, and in any case until the promotion (then ``stop`` moves past it).
+        while time.monotonic() < stop or (soak.promoted is None and time.monotonic() < hard_stop):
             await asyncio.gather(
                 *(
                     _client(http, soak, tenants, personal.id, min(stop, time.monotonic() + 5))

@@ -28,7 +28,8 @@ class TrainingPolicy(BaseModel):
     """auto picks GRPO only from this many distinct questions in the training feedback."""
     answer_check_weight: float = Field(default=0.5, ge=0, le=10)
     """GRPO: weight of a reward checked by code, beside the judge's (which weighs 1): 1 for an
-    answer, 0 for an empty one, a refusal or a loop on one word. 0 turns it off."""
+    answer, 0 for an empty one or a loop on one word (a refusal is an answer: the judge says
+    whether users like it). 0 turns it off."""
     min_feedback: int = Field(default=8, ge=2, le=1_000_000)
     """A run with fewer usable feedback items ends skipped."""
     auto_train_after: int | None = Field(default=None, ge=1, le=1_000_000)

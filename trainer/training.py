@@ -136,8 +136,8 @@ class TrainSpec:
     """``auto`` picks GRPO from this many distinct training questions on, if the judge is
     trusted: GRPO learns from the questions, and fewer make a narrow adapter."""
     answer_check_weight: float = 0.5
-    """GRPO: weight of the code-checked reward (1 for an answer; 0 for an empty one, a refusal
-    or a loop) beside the judge's P(up), which weighs 1. 0 turns it off."""
+    """GRPO: weight of the code-checked reward (1 for an answer; 0 for an empty one, one word
+    repeated or a loop) beside the judge's P(up), which weighs 1. 0 turns it off."""
     gradient_checkpointing: bool = False
     """Off by default: for models of ~100M parameters it costs 1.5-2x in speed for little memory."""
     device: str | None = None

@@ -100,3 +100,27 @@ def test_too_few_thumbs_is_said_not_guessed(tiny: tuple[object, object]) -> None
     assert isinstance(enough, ThumbsJudge)
     assert enough.quality.auroc is not None and enough.quality.auroc.n == 44
     assert enough.quality.n_holdout == 4 and "cross-validated" in enough.quality.reason
+
+
+def test_long_fits_heartbeat_from_a_timer_in_the_callers_context() -> None:
+    import contextvars
+    import time
+
+    from trainer.errors import TrainingCancelled
+    from trainer.judge import _Heartbeats
+
+    caller = contextvars.ContextVar("caller", default="none")
+    caller.set("activity")
+    seen: list[tuple[str, int, int]] = []
+    with _Heartbeats(lambda done, total: seen.append((caller.get(), done, total)), 3, 9, 0.01):
+        time.sleep(0.2)
+    assert len(seen) >= 3 and set(seen) == {("activity", 3, 9)}
+    count = len(seen)
+    time.sleep(0.05)
+    assert len(seen) == count  # the timer stopped with the block
+
+    def cancel(done: int, total: int) -> None:
+        raise TrainingCancelled("cancelled while fitting the tenant's judge", step=0)
+
+    with pytest.raises(TrainingCancelled), _Heartbeats(cancel, 0, 1, 0.01):
+        time.sleep(0.1)  # the fit finishes; the cancel is raised as the block ends

@@ -40,7 +40,7 @@ from trainer.generation import (
     token_kl_and_nll,
     use_adapter,
 )
-from trainer.judge import JUDGE_FILE, JudgeQuality, ThumbsJudge, train_thumbs_judge
+from trainer.judge import JUDGE_FILE, JudgeQuality, ThumbsJudge, fit_or_load
 from trainer.stats import Estimate, auroc, paired_difference, proportion
 
 __all__ = [
@@ -406,7 +406,8 @@ def evaluate(
     ``data`` supplies the train split (the thumbs judge learns from it) and the held-out split
     (everything is measured on it). ``judge`` replaces the learned judge with a given one (a
     configured judge, or a simulated user in benchmarks); it is trusted as given. The learned
-    judge is written to ``judge_out`` when set (GRPO can reuse it). ``win_rate=False`` and
+    judge is read from ``judge_out`` when the run's training fitted it there on the same data,
+    and written there otherwise. ``win_rate=False`` and
     ``capability=False`` skip those measurements (minutes of generation each on a CPU) when no
     check reads them. ``progress`` is called with the name of each phase as it starts, and with
     ``"<phase> done/total"`` after each batch of generation (the activity heartbeats with it).
@@ -453,12 +454,12 @@ def evaluate(
 
         def learn() -> None:
             nonlocal score
-            learned = train_thumbs_judge(
+            learned, _ = fit_or_load(
                 model,
                 tokenizer,
                 base_model=base_model,
-                train=compiled.kto_train,
-                holdout=compiled.kto_holdout,
+                data=compiled,
+                path=judge_out / JUDGE_FILE if judge_out is not None else None,
                 min_auroc=min_judge_auroc,
                 seed=seed,
                 batch_size=batch_size,
@@ -467,15 +468,11 @@ def evaluate(
             report.judge = quality.to_dict()
             if quality.auroc is not None:
                 report._put("judge_auroc", quality.auroc)
-            if isinstance(learned, ThumbsJudge):
-                if judge_out is not None:
-                    judge_out.mkdir(parents=True, exist_ok=True)
-                    learned.save(judge_out / JUDGE_FILE)
-                if quality.trusted:
-                    fitted = learned
-                    score = lambda items: fitted.probabilities(  # noqa: E731
-                        model, tokenizer, items, batch_size=batch_size
-                    )
+            if isinstance(learned, ThumbsJudge) and quality.trusted:
+                fitted = learned
+                score = lambda items: fitted.probabilities(  # noqa: E731
+                    model, tokenizer, items, batch_size=batch_size
+                )
 
         timed("judge", learn)
     report.judge_trusted = score is not None

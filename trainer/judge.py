@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.compiler import KTOExample
+from trainer.compiler import CompiledDataset, KTOExample
 from trainer.generation import BASE, answer_features, use_adapter
 from trainer.stats import Estimate, auroc
 
-__all__ = ["JudgeQuality", "ThumbsJudge", "train_thumbs_judge"]
+__all__ = ["JudgeQuality", "ThumbsJudge", "fit_or_load", "train_thumbs_judge"]
 
 logger = logging.getLogger(__name__)
 
@@ -316,3 +316,46 @@ class _Heartbeats:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+def fit_or_load(
+    model: Any,
+    tokenizer: Any,
+    *,
+    base_model: str,
+    data: CompiledDataset,
+    path: Path | None,
+    min_auroc: float,
+    seed: int = 0,
+    batch_size: int = 8,
+    beat: Callable[[int, int], None] | None = None,
+) -> tuple[ThumbsJudge | JudgeQuality, bool]:
+    """The run's judge for ``data``: loaded from ``path`` when it was fitted there on the same
+    data with the same bar and seed (a GRPO run's training step, or an earlier attempt), else
+    fitted (:func:`train_thumbs_judge`) and saved there. Returns it and whether it was loaded."""
+    key = {"data_content_hash": data.card.content_hash, "min_auroc": min_auroc, "seed": seed}
+    if path is not None and path.is_file():
+        try:
+            saved = ThumbsJudge.load(path)
+            meta = json.loads(path.read_text()).get("meta", {})
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable judge %s: %s", path, exc)
+        else:
+            if meta == key and saved.base_model == base_model:
+                logger.info("reusing the judge this run already fitted: %s", path)
+                return saved, True
+    learned = train_thumbs_judge(
+        model,
+        tokenizer,
+        base_model=base_model,
+        train=data.kto_train,
+        holdout=data.kto_holdout,
+        min_auroc=min_auroc,
+        seed=seed,
+        batch_size=batch_size,
+        beat=beat,
+    )
+    if path is not None and isinstance(learned, ThumbsJudge):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        learned.save(path, meta=key)
+    return learned, False

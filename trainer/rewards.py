@@ -15,7 +15,6 @@ still faces the gate's capability suite, KL and perplexity bounds.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -25,7 +24,7 @@ from typing import Any
 
 from trainer.base_models import load_base_model
 from trainer.compiler import CompiledDataset
-from trainer.judge import JudgeQuality, ThumbsJudge, train_thumbs_judge
+from trainer.judge import JudgeQuality, ThumbsJudge, fit_or_load
 
 __all__ = ["JudgeReward", "TenantJudge", "answer_check", "load_or_fit_judge"]
 
@@ -132,45 +131,27 @@ def load_or_fit_judge(
     device: str | None = None,
     beat: Beat | None = None,
 ) -> TenantJudge:
-    """The tenant's thumbs judge for this data: loaded from ``path`` when an earlier attempt of
-    the run fitted it on the same data with the same bar, else fitted and saved there.
-
-    Loads a frozen copy of the base model for the judge's features (kept for the reward).
-    """
+    """The tenant's thumbs judge for this data (:func:`trainer.judge.fit_or_load`), on a frozen
+    copy of the base model loaded for it and kept for the reward."""
     model, tokenizer = load_base_model(base_model, data_dir=data_dir, device=device)
     model.eval()
     model.requires_grad_(False)
-    key = {"data_content_hash": data.card.content_hash, "min_auroc": min_auroc, "seed": seed}
     tokens = _conversation_tokens(
         tokenizer, [(ex.prompt, ex.completion) for ex in (*data.kto_train, *data.kto_holdout)]
     )
-    if path.is_file():
-        try:
-            saved = ThumbsJudge.load(path)
-            meta = json.loads(path.read_text()).get("meta", {})
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring unreadable judge %s: %s", path, exc)
-        else:
-            if meta == key and saved.base_model == base_model:
-                logger.info("reusing the judge fitted by an earlier attempt: %s", path)
-                return TenantJudge(
-                    saved.quality, saved, model, tokenizer, reused=True, tokens=tokens
-                )
-    learned = train_thumbs_judge(
+    judge, reused = fit_or_load(
         model,
         tokenizer,
         base_model=base_model,
-        train=data.kto_train,
-        holdout=data.kto_holdout,
+        data=data,
+        path=path,
         min_auroc=min_auroc,
         seed=seed,
         beat=beat,
     )
-    if isinstance(learned, JudgeQuality):
-        return TenantJudge(learned, None, model, tokenizer, reused=False, tokens=tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    learned.save(path, meta=key)
-    return TenantJudge(learned.quality, learned, model, tokenizer, reused=False, tokens=tokens)
+    if isinstance(judge, JudgeQuality):
+        return TenantJudge(judge, None, model, tokenizer, reused=reused, tokens=tokens)
+    return TenantJudge(judge.quality, judge, model, tokenizer, reused=reused, tokens=tokens)
 
 
 def _conversation_tokens(

@@ -68,8 +68,6 @@ METRICS_FILE = "metrics.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE)
 CHECKPOINT_METHOD = "method.txt"
 """In ``checkpoints/``: the method that wrote them (a retry resumes only the same method)."""
-JUDGE_FILE = "judge.json"
-"""The tenant's judge a GRPO run fitted, in its output directory (a retry reuses it)."""
 
 # "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025): with alpha held fixed (32) and
 # PEFT's alpha/r scaling, the best LoRA learning rate is about 10x the best full fine-tuning rate
@@ -166,10 +164,7 @@ class TrainSpec:
             raise InvalidSpec(f"epochs must be positive, got {self.epochs}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise InvalidSpec("batch_size and grad_accum must be at least 1")
-        if self.method == "kto" and self.batch_size < 2:
-            raise InvalidSpec("KTO estimates its KL term across a batch: batch_size must be >= 2")
-        if self.beta <= 0 and self.method != "grpo":
-            raise InvalidSpec(f"beta must be positive, got {self.beta}")
+        _check_method_settings(self, self.method)  # again once auto or a fallback resolved
         if self.max_length < 16:
             raise InvalidSpec(f"max_length must be at least 16 tokens, got {self.max_length}")
         if not 0.5 <= self.min_judge_auroc <= 1.0:
@@ -330,7 +325,7 @@ def _check_method_settings(spec: TrainSpec, method: str) -> None:
     if method == "kto" and spec.batch_size < 2:
         raise InvalidSpec("KTO estimates its KL term across a batch: batch_size must be >= 2")
     if method != "grpo" and spec.beta <= 0:
-        raise InvalidSpec(f"{method.upper()} needs a positive beta, got {spec.beta}")
+        raise InvalidSpec(f"beta must be positive for {method.upper()}, got {spec.beta}")
 
 
 def _total_steps_hint(spec: TrainSpec, n_rows: int) -> int:
@@ -633,6 +628,7 @@ def _make_trainer(
 
 def _tenant_judge(spec: TrainSpec, data: CompiledDataset, phase: PhaseFn | None) -> TenantJudge:
     """Fit (or, on a retry, load) the tenant's judge, heartbeating as it reads answers."""
+    from trainer.judge import JUDGE_FILE
     from trainer.rewards import load_or_fit_judge
 
     def beat(done: int, total: int) -> None:

@@ -371,7 +371,9 @@ class PersonalizationActivities:
                 data_dir=self.data_dir,
                 current=Path(inp.current_adapter_dir) if inp.current_adapter_dir else None,
                 min_judge_auroc=inp.options.min_judge_auroc,
-                judge_out=self.run_dir(inp.tenant_id, inp.run_id) / "judge",
+                # Where training saved the judge it fitted (GRPO, or auto weighing GRPO): the
+                # evaluation reads it instead of fitting the same judge again.
+                judge_out=self.run_dir(inp.tenant_id, inp.run_id) / "train",
                 max_new_tokens=inp.options.eval_max_new_tokens,
                 # A check the tenant turned off is not measured: each costs minutes of generation.
                 win_rate=inp.options.min_win_rate is not None,

@@ -18,6 +18,7 @@ from trainer import (
     TrainingCancelled,
     TrainSpec,
     compile_feedback,
+    evaluate,
     train,
 )
 from trainer.judge import JudgeQuality
@@ -97,7 +98,21 @@ def test_grpo_is_rewarded_by_the_tenant_judge(
     assert result.method == "grpo" and result.steps == 3
     assert result.metrics["method_reason"].startswith("GRPO, as asked, rewarded by the tenant's")
     assert result.metrics["judge"]["trusted"] and not result.metrics["judge_reused"]
-    assert (tmp_path / "judge.json").is_file()
+    judge_file = tmp_path / "judge.json"
+    fitted = judge_file.read_bytes(), judge_file.stat().st_mtime_ns
+    # The evaluation reads the judge training fitted instead of fitting it again.
+    report = evaluate(
+        base_model="tiny-random",
+        candidate=result.adapter_dir,
+        data=tastes,
+        data_dir=data_dir,
+        judge_out=tmp_path,
+        win_rate=False,
+        capability=False,
+        max_regression_prompts=2,
+    )
+    assert report.judge == result.metrics["judge"]
+    assert (judge_file.read_bytes(), judge_file.stat().st_mtime_ns) == fitted
     # Heartbeats while the judge reads the thumbs, then after every scored group.
     judged = len(tastes.kto_train) + len(tastes.kto_holdout)
     assert ("judge", judged, judged) in phases

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from typing import get_args
 
 import httpx
 from rich.console import Console
@@ -29,6 +30,7 @@ from core.keys import create_key
 from core.models import KeyRole
 from core.settings import ApiSettings
 from trainer.simulated_users import PERSONAS, answers_question
+from trainer.training import Method
 from tuneloop.runtime import ensure_schema
 from tuneloop.simulation import (
     TenantResult,
@@ -50,7 +52,7 @@ TRAFFIC = 120
 """Distinct questions each tenant's users ask (about half get a thumb)."""
 HELD_OUT = 30
 MAX_TOKENS = 96
-METHODS = ("auto", "dpo", "kto", "grpo")
+METHODS: tuple[str, ...] = get_args(Method)
 METHOD_ENV = "TUNELOOP_DEMO_METHOD"
 """The training method the demo's runs ask for (default: the policy's, ``auto``)."""
 

@@ -50,7 +50,7 @@ from rich.table import Table
 
 from core.settings import ApiSettings
 from trainer.simulated_users import PERSONAS
-from tuneloop.demo import _operator_key
+from tuneloop.demo import METHODS, _operator_key
 from tuneloop.simulation import (
     TenantResult,
     eval_report,
@@ -273,8 +273,8 @@ def main() -> None:
     if isinstance(args.personas, str):
         args.personas = [p for p in args.personas.split(",") if p]
     for m in args.methods:
-        if m not in ("auto", "dpo", "kto", "grpo"):
-            sys.exit(f"unknown method {m!r}; known: auto, dpo, kto, grpo")
+        if m not in METHODS:
+            sys.exit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     for p in args.personas:
         if p not in PERSONAS or p == "noise":
             sys.exit(

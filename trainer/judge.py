@@ -2,17 +2,31 @@
 the tenant's own unpaired thumbs (as in Meta's RLUF, "Reinforcement Learning from User Feedback").
 
 Real feedback is unpaired and scarce (one answer per question, a minority rated), so the judge is
-small on purpose: a regularized logistic regression on the frozen base model's hidden states
-(:func:`trainer.generation.answer_features`), its strength chosen by cross-validation on the
-train split. A fine-tuned classifier head would overfit a hundred thumbs; the probe trains in
-seconds and cannot drift with the adapter it judges, because its features come from the base.
+small on purpose: a regularized logistic regression, its strength chosen by cross-validation on
+the train split, on one of three descriptions of an answer, also chosen by cross-validation:
+
+- the frozen base model's hidden states (:func:`trainer.generation.answer_features`), which carry
+  what the answer says;
+- twelve text statistics (:func:`answer_statistics`): how long it is, how long its sentences and
+  words are, how it is laid out (lines, list items, bold and headings), whether it stops
+  mid-sentence. Much of what users like or dislike is this (length and layout drive human
+  preference ratings), and twelve numbers are learned from a hundred thumbs far more reliably
+  than 1,700: on realistic traffic with SmolLM2, a probe on them told a "plain language"
+  tenant's liked answers from the rest at AUROC 0.95 where the hidden states reached 0.78
+  (``tests/bench/judge_quality.py``);
+- both.
+
+A fine-tuned classifier head would overfit a hundred thumbs; the probe trains in seconds and
+cannot drift with the adapter it judges, because its features come from the base model and the
+text.
 
 It may decide only when it has shown, on thumbs it never saw, that it tells liked from disliked
-answers: out-of-fold predictions on the train split (nested cross-validation) and predictions on
-the held-out split, pooled; their AUROC must reach the policy's bar and its interval must exclude
-chance. On sparse logs the held-out split alone is a dozen thumbs, too few to tell a judge from
-a coin (a coin-flip tenant's judge scored 0.81 [0.57, 1.00] on 13 of them). The report
-carries that AUROC (with n and interval) and the Brier score either way.
+answers: out-of-fold predictions on the train split (nested cross-validation: each fold chooses
+its own description and strength) and predictions on the held-out split, pooled; their AUROC must
+reach the policy's bar and its interval must exclude chance. On sparse logs the held-out split
+alone is a dozen thumbs, too few to tell a judge from a coin (a coin-flip tenant's judge scored
+0.81 [0.57, 1.00] on 13 of them). The report carries that AUROC (with n and interval), the Brier
+score and the description chosen either way.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import contextvars
 import json
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +46,15 @@ from trainer.compiler import CompiledDataset, KTOExample
 from trainer.generation import BASE, answer_features, use_adapter
 from trainer.stats import Estimate, auroc
 
-__all__ = ["JudgeQuality", "ThumbsJudge", "fit_or_load", "train_thumbs_judge"]
+__all__ = [
+    "FEATURE_SETS",
+    "STATISTICS",
+    "JudgeQuality",
+    "ThumbsJudge",
+    "answer_statistics",
+    "fit_or_load",
+    "train_thumbs_judge",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +62,84 @@ MIN_PER_CLASS = 4
 """Fewer ups or downs than this (in a split) says nothing about a judge: it is not trained, or
 not trusted."""
 JUDGE_FILE = "judge.json"
+JUDGE_FORMAT = 2
+"""Bumped when what a judge file means changes: a run refits a judge saved in another format."""
+
+HIDDEN, TEXT, BOTH = "hidden states", "text statistics", "hidden states + text statistics"
+FEATURE_SETS = (TEXT, HIDDEN, BOTH)
+"""The descriptions of an answer a judge may learn from (cross-validation picks one; a tie goes
+to the earlier, smaller one)."""
+
+_WORD = re.compile(r"\b\w[\w'-]*\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
+_MARKUP = re.compile(r"\*\*|__|^#{1,6}\s", re.MULTILINE)
+
+
+STATISTICS = (
+    "log words",
+    "log sentences",
+    "words per sentence",
+    "letters per word",
+    "lines",
+    "list items",
+    "bold and heading marks",
+    "commas per word",
+    "question marks",
+    "exclamation marks",
+    "digits per word",
+    "ends a sentence",
+)
+"""What :func:`answer_statistics` returns, in order."""
+
+
+def answer_statistics(answer: str) -> list[float]:
+    """How an answer is written, not what it says (:data:`STATISTICS`): its length, its
+    sentences and words, its layout, its punctuation, and whether it ends with sentence
+    punctuation (an answer cut off mid-sentence does not)."""
+    words = _WORD.findall(answer)
+    n_words = len(words)
+    sentences = [s for s in _SENTENCE_END.split(answer) if _WORD.search(s)]
+    per_word = 1.0 / max(1, n_words)
+    return [
+        math.log1p(n_words),
+        math.log1p(len(sentences)),
+        n_words / max(1, len(sentences)),
+        sum(len(w) for w in words) * per_word,
+        float(sum(1 for line in answer.splitlines() if line.strip())),
+        float(len(_LIST_ITEM.findall(answer))),
+        float(len(_MARKUP.findall(answer))),
+        answer.count(",") * per_word,
+        float(answer.count("?")),
+        float(answer.count("!")),
+        sum(ch.isdigit() for ch in answer) * per_word,
+        float(answer.rstrip().endswith((".", "!", "?", ")", '"'))),
+    ]
+
+
+def _describe(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[Sequence[Mapping[str, str]], str]],
+    features: str,
+    *,
+    batch_size: int,
+    beat: Callable[[int, int], None] | None,
+) -> list[list[float]]:
+    """Each (conversation, answer) as the judge's ``features`` see it: hidden states (read on
+    the base model, adapters off), text statistics, or both side by side. Text statistics need
+    no model: a judge that chose them reads answers in microseconds."""
+    rows: list[list[float]] = [[] for _ in items]
+    if features in (HIDDEN, BOTH):
+        with use_adapter(model, BASE):
+            rows = answer_features(model, tokenizer, items, batch_size=batch_size, beat=beat)
+    elif beat is not None:
+        beat(len(items), len(items))
+    if features in (TEXT, BOTH):
+        rows = [
+            row + answer_statistics(answer) for row, (_, answer) in zip(rows, items, strict=True)
+        ]
+    return rows
 
 
 @dataclass
@@ -54,6 +155,8 @@ class JudgeQuality:
     n_holdout: int = 0
     regularization: float | None = None
     """The inverse L2 strength cross-validation picked."""
+    features: str | None = None
+    """The description of an answer cross-validation picked (one of :data:`FEATURE_SETS`)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -63,12 +166,14 @@ class JudgeQuality:
 
 @dataclass
 class ThumbsJudge:
-    """A trained judge: ``P(up) = sigmoid(weights · features + bias)``."""
+    """A trained judge: ``P(up) = sigmoid(weights · features + bias)``, ``features`` one of
+    :data:`FEATURE_SETS`."""
 
     weights: list[float]
     bias: float
     base_model: str
     quality: JudgeQuality = field(default_factory=lambda: JudgeQuality(False, "not evaluated"))
+    features: str = HIDDEN
 
     def probabilities(
         self,
@@ -79,11 +184,11 @@ class ThumbsJudge:
         batch_size: int = 8,
         beat: Callable[[int, int], None] | None = None,
     ) -> list[float]:
-        """P(up) for each (conversation, answer), scored on ``model`` with adapters off."""
+        """P(up) for each (conversation, answer); hidden states are read on ``model`` with
+        adapters off."""
         if not items:
             return []
-        with use_adapter(model, BASE):
-            feats = answer_features(model, tokenizer, items, batch_size=batch_size, beat=beat)
+        feats = _describe(model, tokenizer, items, self.features, batch_size=batch_size, beat=beat)
         out: list[float] = []
         for row in feats:
             z = self.bias + sum(w * x for w, x in zip(self.weights, row, strict=True))
@@ -95,7 +200,9 @@ class ThumbsJudge:
         fitted on (a retry reuses the judge only for the same data). Written atomically."""
         payload = {
             "kind": "thumbs_judge",
+            "format": JUDGE_FORMAT,
             "base_model": self.base_model,
+            "features": self.features,
             "weights": self.weights,
             "bias": self.bias,
             "quality": self.quality.to_dict(),
@@ -113,8 +220,15 @@ class ThumbsJudge:
         q = dict(raw.get("quality") or {})
         est = q.pop("auroc", None)
         quality = JudgeQuality(**q, auroc=Estimate(**est) if est else None)
+        features = raw.get("features", HIDDEN)  # files from before the choice: hidden states
+        if features not in FEATURE_SETS:
+            raise ValueError(f"{path}: unknown judge features {features!r}")
         return cls(
-            [float(w) for w in raw["weights"]], float(raw["bias"]), raw["base_model"], quality
+            [float(w) for w in raw["weights"]],
+            float(raw["bias"]),
+            raw["base_model"],
+            quality,
+            features,
         )
 
 
@@ -129,19 +243,22 @@ def train_thumbs_judge(
     seed: int = 0,
     batch_size: int = 8,
     beat: Callable[[int, int], None] | None = None,
+    features: Sequence[str] = FEATURE_SETS,
 ) -> ThumbsJudge | JudgeQuality:
-    """Fit the judge on ``train`` and measure it on ``holdout``.
+    """Fit the judge on ``train`` and measure it on ``holdout``; ``features`` are the
+    descriptions cross-validation chooses from (all of :data:`FEATURE_SETS` unless a benchmark
+    compares them).
 
     Returns the judge (its ``quality`` says whether it may decide), or only a
     :class:`JudgeQuality` with the reason when there is too little data to fit one.
     ``beat(done, total)`` reports the answers read so far (train split, then held-out split).
     """
     import numpy as np
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.model_selection import StratifiedKFold
 
+    unknown = set(features) - set(FEATURE_SETS)
+    if unknown or not features:
+        raise ValueError(f"features must be some of {FEATURE_SETS}, got {list(features)}")
     n_up = sum(ex.label for ex in train)
     n_down = len(train) - n_up
     total = len(train) + len(holdout)
@@ -153,54 +270,47 @@ def train_thumbs_judge(
             n_train=len(train),
             n_holdout=len(holdout),
         )
-    with use_adapter(model, BASE):
-        x = np.asarray(
-            answer_features(
-                model,
-                tokenizer,
-                [(ex.prompt, ex.completion) for ex in train],
-                batch_size=batch_size,
-                beat=_counted(beat, 0, total),
-            )
+    both = np.asarray(
+        _describe(
+            model,
+            tokenizer,
+            [(ex.prompt, ex.completion) for ex in train],
+            TEXT if set(features) == {TEXT} else BOTH,
+            batch_size=batch_size,
+            beat=_counted(beat, 0, total),
         )
+    )
+    n_text = len(STATISTICS)
+    described = {
+        name: x
+        for name, x in ((TEXT, both[:, -n_text:]), (HIDDEN, both[:, :-n_text]), (BOTH, both))
+        if name in features
+    }
     y = np.asarray([int(ex.label) for ex in train])
-
-    def probe(n_splits: int) -> Any:
-        return make_pipeline(
-            StandardScaler(),
-            LogisticRegressionCV(
-                Cs=np.logspace(-4, 1, 11).tolist(),
-                cv=StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed),
-                scoring="roc_auc",
-                class_weight="balanced",  # a tenant's users may be mostly happy or mostly not
-                max_iter=5000,
-                l1_ratios=(0.0,),  # plain L2
-                use_legacy_attributes=False,
-            ),
-        )
-
     splits = min(5, n_up, n_down)
-    pipe = probe(splits)
     # A few hundred small fits take seconds, or minutes on a loaded CPU, with no batches to
     # count: the caller hears from a timer meanwhile (the fits always end: max_iter bounds them).
     fitting = _Heartbeats(beat, len(train), total)
     with fitting:
-        pipe.fit(x, y)
-    # Out-of-fold P(up) for every train thumb, each from a probe (with its own inner choice of
-    # strength) that never saw it: with the held-out split, the judge is checked on all the
-    # tenant's thumbs instead of the held-out fifth alone, which is a dozen on sparse logs.
-    with fitting:
-        out_of_fold = cross_val_predict(
-            probe(max(2, splits - 1)),
-            x,
-            y,
-            cv=StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed + 1),
-            method="predict_proba",
-        )[:, 1]
+        features, pipe = _fit_probe(described, y, splits, seed)
+        # Out-of-fold P(up) for every train thumb, each from a probe that never saw it and made
+        # its own choice of description and strength on the other folds (so the choice cannot
+        # flatter the judge): with the held-out split, the judge is checked on all the tenant's
+        # thumbs instead of the held-out fifth alone, which is a dozen on sparse logs.
+        out_of_fold = np.empty(len(y))
+        outer = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed + 1)
+        for fit_rows, test_rows in outer.split(both, y):
+            chosen, fold_pipe = _fit_probe(
+                {k: v[fit_rows] for k, v in described.items()},
+                y[fit_rows],
+                max(2, splits - 1),
+                seed,
+            )
+            out_of_fold[test_rows] = fold_pipe.predict_proba(described[chosen][test_rows])[:, 1]
     scaler, fitted = pipe[0], pipe[-1]
     coef = fitted.coef_[0] / scaler.scale_
     bias = float(fitted.intercept_[0] - (coef * scaler.mean_).sum())
-    judge = ThumbsJudge([float(c) for c in coef], bias, base_model)
+    judge = ThumbsJudge([float(c) for c in coef], bias, base_model, features=features)
     judge.quality = assess(
         judge,
         model,
@@ -213,8 +323,40 @@ def train_thumbs_judge(
     )
     judge.quality.n_train = len(train)
     judge.quality.regularization = float(np.ravel(fitted.C_)[0])
+    judge.quality.features = features
     logger.info("thumbs judge: %s", judge.quality.reason)
     return judge
+
+
+def _fit_probe(described: Mapping[str, Any], y: Any, n_splits: int, seed: int) -> tuple[str, Any]:
+    """The L2 logistic probe on each description in ``described`` (name → feature matrix), its
+    strength chosen by ``n_splits``-fold cross-validated AUROC; returns the description whose
+    best cross-validated AUROC is highest, and its probe fitted on all of ``y``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    best: tuple[float, str, Any] | None = None
+    for name in described:  # a tie goes to the first: twelve numbers before 1,700
+        pipe = make_pipeline(
+            StandardScaler(),
+            LogisticRegressionCV(
+                Cs=np.logspace(-4, 1, 11).tolist(),
+                cv=StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed),
+                scoring="roc_auc",
+                class_weight="balanced",  # a tenant's users may be mostly happy or mostly not
+                max_iter=5000,
+                l1_ratios=(0.0,),  # plain L2
+                use_legacy_attributes=False,
+            ),
+        ).fit(described[name], y)
+        score = float(np.nanmax(pipe[-1].scores_.mean(axis=0)))
+        if best is None or score > best[0]:
+            best = (score, name, pipe)
+    assert best is not None
+    return best[1], best[2]
 
 
 def assess(
@@ -251,7 +393,10 @@ def assess(
     area = auroc(ups, downs)
     brier = sum((p - float(label)) ** 2 for p, label in scored) / len(scored)
     trusted = area.value >= min_auroc and area.low > 0.5
-    where = "thumbs it never saw (cross-validated train split and held-out split)"
+    where = (
+        f"thumbs it never saw (cross-validated train split and held-out split), "
+        f"learned on {judge.features}"
+    )
     if trusted:
         reason = f"judge AUROC {area} on {where} ≥ {min_auroc:.2f}: it may decide"
     elif area.value < min_auroc:
@@ -333,7 +478,12 @@ def fit_or_load(
     """The run's judge for ``data``: loaded from ``path`` when it was fitted there on the same
     data with the same bar and seed (a GRPO run's training step, or an earlier attempt), else
     fitted (:func:`train_thumbs_judge`) and saved there. Returns it and whether it was loaded."""
-    key = {"data_content_hash": data.card.content_hash, "min_auroc": min_auroc, "seed": seed}
+    key = {
+        "data_content_hash": data.card.content_hash,
+        "min_auroc": min_auroc,
+        "seed": seed,
+        "format": JUDGE_FORMAT,
+    }
     if path is not None and path.is_file():
         try:
             saved = ThumbsJudge.load(path)

@@ -91,6 +91,7 @@ async def seed(backend: Backend, tenant: TenantKeys, marker: str) -> dict[str, s
                     "pref_improvement": 0.25 + i / 10,
                     "regression_kl": 0.01,
                     "judge_trusted": True,
+                    "judge": {"trusted": True, "reason": "…", "features": "text statistics"},
                     "capability_base": 0.5,
                     "capability_candidate": 0.48,
                     "n_capability": 93,
@@ -102,6 +103,7 @@ async def seed(backend: Backend, tenant: TenantKeys, marker: str) -> dict[str, s
                             "n": 12,
                         },
                         "win_rate": {"value": 0.7, "low": 0.56, "high": 0.81, "n": 50},
+                        "judge_auroc": {"value": 0.88, "low": 0.82, "high": 0.94, "n": 112},
                     },
                     "samples": [
                         {
@@ -252,6 +254,7 @@ async def test_every_page_renders_for_an_admin(
     adapters = (await c.get("/dashboard/adapters")).text
     assert f"{marker}-v0" in adapters and '75% <span class="ci">[50%, 90%] n=12' in adapters
     assert "70%" in adapters and "n=50" in adapters and "50% → 48%" in adapters
+    assert "88%" in adapters and "may decide; learned on text statistics" in adapters
     assert "held-out question 0?" in adapters and "the answer of version 1" in adapters
     data = (await c.get("/dashboard/data")).text
     assert f"great {marker}" in data and "email 2" in data and "38 / 40" in data

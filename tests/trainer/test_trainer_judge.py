@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import short_or_long
+from tests.conftest import WORDS, short_or_long
 from trainer import KTOExample, ThumbsJudge, load_base_model, train_thumbs_judge
-from trainer.judge import JudgeQuality
+from trainer.judge import (
+    HIDDEN,
+    STATISTICS,
+    TEXT,
+    JudgeQuality,
+    answer_statistics,
+    fit_or_load,
+)
 
 
 def _thumbs(n: int, *, seed: int, noise: bool = False) -> list[KTOExample]:
@@ -57,6 +64,112 @@ def test_judge_learns_a_taste_and_may_decide(tiny: tuple[object, object], tmp_pa
         [short]
     )
     assert again.quality.auroc == q.auroc
+
+
+def _layout_thumbs(n: int, *, seed: int) -> list[KTOExample]:
+    """Users who like answers laid out as a list; the words are the same either way, so only
+    the layout tells a liked answer from a disliked one."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        steps = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 7))) for _ in range(3)]
+        listed = rng.random() < 0.5
+        answer = "\n".join(f"- {s}." for s in steps) if listed else " ".join(f"{s}." for s in steps)
+        prompt = [{"role": "user", "content": f"question {seed}-{i}: how do I do thing {i % 5}?"}]
+        out.append(KTOExample(prompt, answer, listed))
+    return out
+
+
+def test_statistics_describe_how_an_answer_is_written() -> None:
+    def stats(answer: str) -> dict[str, float]:
+        return dict(zip(STATISTICS, answer_statistics(answer), strict=True))
+
+    listed = stats("Steps:\n1. Rinse the rice.\n2. Boil it, then simmer for 12 min.")
+    assert listed["list items"] == 2 and listed["lines"] == 3 and listed["digits per word"] > 0
+    assert listed["ends a sentence"] == 1 and listed["bold and heading marks"] == 0
+    prose = stats("Rinse the rice well. Then boil it and simmer it until it is done, or")
+    assert prose["list items"] == 0 and prose["lines"] == 1
+    assert prose["words per sentence"] == pytest.approx(7.5)  # 15 words, 2 sentences
+    assert prose["ends a sentence"] == 0  # cut off mid-sentence
+    assert stats("**Note:** ok")["bold and heading marks"] == 2
+    assert set(stats("").values()) == {0.0}
+
+
+def test_judge_chooses_the_description_that_predicts_the_thumbs(
+    tiny: tuple[object, object], tmp_path: Path
+) -> None:
+    """A taste for layout is invisible to a random tiny model's hidden states and plain in the
+    text statistics: cross-validation picks them, the report says so, and such a judge scores
+    answers without running the model at all."""
+    model, tokenizer = tiny
+    judge = train_thumbs_judge(
+        model,
+        tokenizer,
+        base_model="tiny-random",
+        train=_layout_thumbs(60, seed=1),
+        holdout=_layout_thumbs(30, seed=2),
+    )
+    assert isinstance(judge, ThumbsJudge)
+    assert judge.features == TEXT and judge.quality.features == TEXT
+    assert judge.quality.trusted and "learned on text statistics" in judge.quality.reason
+    prompt = [{"role": "user", "content": "question x: how do I do thing 1?"}]
+    listed, prose = judge.probabilities(
+        None,  # no model: text statistics need none
+        None,
+        [
+            (prompt, "- warm sun.\n- cold rain.\n- the cat."),
+            (prompt, "Warm sun. Cold rain. The cat."),
+        ],
+    )
+    assert listed > 0.5 > prose
+    judge.save(tmp_path / "judge.json")
+    assert ThumbsJudge.load(tmp_path / "judge.json").features == TEXT
+
+
+def test_a_judge_file_from_before_the_choice_is_hidden_states_and_is_refitted(
+    tiny: tuple[object, object], tmp_path: Path
+) -> None:
+    import json
+
+    from trainer.compiler import compile_feedback
+    from trainer.simulated_users import get_persona, realistic_feedback
+
+    model, tokenizer = tiny
+    path = tmp_path / "judge.json"
+    old = {
+        "kind": "thumbs_judge",
+        "base_model": "tiny-random",
+        "bias": 0.0,
+        "quality": {"trusted": False, "reason": "an older release"},
+    }
+    path.write_text(json.dumps({**old, "weights": [0.0] * 10, "meta": {}}))
+    assert ThumbsJudge.load(path).features == HIDDEN
+    path.write_text(json.dumps({**old, "weights": [], "features": "vibes"}))
+    with pytest.raises(ValueError, match="unknown judge features 'vibes'"):
+        ThumbsJudge.load(path)
+    # A run's saved judge is reused only when it was fitted in this format on the same data.
+    rng = random.Random(3)
+    questions = [f"how do I fix thing {i}?" for i in range(60)]
+    answers = [short_or_long(rng, short=rng.random() < 0.5) for _ in questions]
+    data = compile_feedback(
+        realistic_feedback(get_persona("concise"), questions, answers, rate_share=1.0, seed=3)
+    )
+    first, reused = fit_or_load(
+        model, tokenizer, base_model="tiny-random", data=data, path=path, min_auroc=0.65
+    )
+    assert not reused and isinstance(first, ThumbsJudge)
+    saved = json.loads(path.read_text())
+    assert saved["format"] == 2 and saved["meta"]["format"] == 2
+    _, reused = fit_or_load(
+        model, tokenizer, base_model="tiny-random", data=data, path=path, min_auroc=0.65
+    )
+    assert reused
+    saved["meta"]["format"] = 1  # a judge an older release fitted: refitted, not trusted blindly
+    path.write_text(json.dumps(saved))
+    _, reused = fit_or_load(
+        model, tokenizer, base_model="tiny-random", data=data, path=path, min_auroc=0.65
+    )
+    assert not reused
 
 
 def test_a_coin_flip_tenant_rarely_gets_a_judge(tiny: tuple[object, object]) -> None:

@@ -47,8 +47,10 @@ class TrainingPolicy(BaseModel):
     how to answer (the capability guard then refuses it)."""
     min_pref_improvement: float | None = Field(default=0.0, ge=-1, le=1)
     """Promote only if, on held-out feedback, the new adapter's score for telling liked from
-    disliked answers beats the live version's, by at least this, even at the low end of its
-    95 % interval (empty: skip this check)."""
+    disliked answers beats the live version's by at least this, even at the low end of its
+    95 % interval; or, when the thumbs judge's win rate already showed the new adapter better,
+    if that feedback does not contradict it (the high end reaches this). Empty: skip this
+    check."""
     min_win_rate: float | None = Field(default=0.5, ge=0, le=1)
     """Promote only if the tenant's thumbs judge prefers the new adapter's fresh answers to the
     live version's at least this often, at the low end of the 95 % interval (0.5: better than a

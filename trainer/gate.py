@@ -1,7 +1,9 @@
 """The promotion gate: promote only what the held-out evidence shows better for the tenant and
-no worse at answering. The tenant checks (tenant metric, win rate) read their 95 % interval on
-the conservative side, so a lift the data do not support (a coin-flip tenant, a handful of
-held-out thumbs) never passes; the damage checks (capability, drift) bound their measured value.
+no worse at answering. "Better" is read on the conservative side of a 95 % interval: the win
+rate's lower bound, by a judge that earned the right to decide on thumbs it never saw, or the
+tenant metric's lower bound when no win rate is asked for; so a lift the data do not support (a
+coin-flip tenant, a handful of held-out thumbs) never passes. The held-out thumbs must then not
+contradict it. The damage checks (capability, drift) bound their measured value.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ class GatePolicy:
 
     min_pref_improvement: float | None = 0.0
     """Tenant metric on held-out feedback (pair accuracy, or the implicit-reward AUROC on unpaired
-    thumbs): the candidate's lower 95 % bound minus the current version's value must reach this."""
+    thumbs): the candidate's lower 95 % bound minus the current version's value must reach this;
+    or, when the trusted judge's win rate showed the candidate better, its upper bound must (the
+    held-out thumbs do not contradict the win rate: a few dozen of them cannot show a lift on
+    their own)."""
     min_win_rate: float | None = 0.5
     """The lower 95 % bound of the win rate against the current version, judged by the tenant's
     thumbs judge on held-out questions, must reach this (0.5: better than a tie, with
@@ -68,26 +73,6 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
     checks: dict[str, bool] = {}
     notes: list[str] = []
 
-    if policy.min_pref_improvement is not None:
-        if report.pref_improvement_low is None and report.pref_improvement is not None:
-            # A report from before intervals (a run in flight across the upgrade): its point.
-            ok = report.pref_improvement >= policy.min_pref_improvement
-            checks["preference"] = ok
-            notes.append(f"held-out preference accuracy change {report.pref_improvement:+.3f}")
-        elif report.pref_improvement_low is None or report.tenant_metric is None:
-            checks["preference"] = False
-            notes.append(report.tenant_metric_note or "no held-out feedback to measure the tenant")
-        else:
-            key = "pref_accuracy" if report.tenant_metric == "pairs" else "thumbs_auroc"
-            cand, cur = report.interval(f"{key}_candidate"), report.interval(f"{key}_current")
-            ok = report.pref_improvement_low >= policy.min_pref_improvement
-            checks["preference"] = ok
-            notes.append(
-                f"{report.tenant_metric_note}: candidate {cand} vs current "
-                f"{cur.value if cur else float('nan'):.3f} (lower bound "
-                f"{report.pref_improvement_low:+.3f} {_cmp(ok, '≥', '<')} "
-                f"{policy.min_pref_improvement:+.3f} required)"
-            )
     if policy.min_win_rate is not None:
         win = report.interval("win_rate")
         judge_reason = (report.judge or {}).get("reason") or "no thumbs judge"
@@ -106,6 +91,46 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
                 f"win rate {win} vs current ({report.wins} won, {report.ties} tied, "
                 f"{report.losses} lost; lower bound {_cmp(ok, '≥', '<')} "
                 f"{policy.min_win_rate:.3f})"
+            )
+    if policy.min_pref_improvement is not None:
+        if report.pref_improvement_low is None and report.pref_improvement is not None:
+            # A report from before intervals (a run in flight across the upgrade): its point.
+            ok = report.pref_improvement >= policy.min_pref_improvement
+            checks["preference"] = ok
+            notes.append(f"held-out preference accuracy change {report.pref_improvement:+.3f}")
+        elif report.pref_improvement_low is None or report.tenant_metric is None:
+            checks["preference"] = False
+            notes.append(report.tenant_metric_note or "no held-out feedback to measure the tenant")
+        else:
+            key = "pref_accuracy" if report.tenant_metric == "pairs" else "thumbs_auroc"
+            cand, cur = report.interval(f"{key}_candidate"), report.interval(f"{key}_current")
+            low, need = report.pref_improvement_low, policy.min_pref_improvement
+            current = cur.value if cur else float("nan")  # nan: no contradiction test passes
+            high = cand.high - current if cand else float("nan")
+            shown = low >= need
+            # When the trusted judge's win rate showed the candidate better, the held-out thumbs
+            # (a few dozen on sparse logs: an interval half a unit wide, which no real lift
+            # clears) must not contradict it: their interval must still reach the bound.
+            won = checks.get("win_rate", False)
+            consistent = won and high >= need
+            checks["preference"] = shown or consistent
+            if shown:
+                verdict = f"lower bound {low:+.3f} ≥ {need:+.3f} required"
+            elif consistent:
+                verdict = (
+                    f"not shown better here, lower bound {low:+.3f}, but consistent with the "
+                    f"win rate: upper bound {high:+.3f} ≥ {need:+.3f}"
+                )
+            elif won:
+                verdict = (
+                    f"lower bound {low:+.3f} < {need:+.3f} required, and upper bound "
+                    f"{high:+.3f} < {need:+.3f} contradicts the win rate"
+                )
+            else:
+                verdict = f"lower bound {low:+.3f} < {need:+.3f} required"
+            notes.append(
+                f"{report.tenant_metric_note}: candidate {cand} vs current {current:.3f} "
+                f"({verdict})"
             )
     if policy.max_capability_drop is not None:
         drop = report.interval("capability_drop")

@@ -46,8 +46,15 @@ def _report(
     ("report_kw", "policy_kw", "promote", "failed"),
     [
         ({}, {}, True, None),
-        # held-out thumbs the candidate cannot separate: its interval reaches below chance
-        ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12)}, {}, False, "preference"),
+        # held-out thumbs the candidate cannot separate: its interval reaches below chance, so
+        # on their own they do not show it better...
+        ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12)}, {"min_win_rate": None}, False, "preference"),
+        # ...but they do not contradict the trusted judge's win rate either
+        ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12)}, {}, True, None),
+        # held-out thumbs that rank the candidate's taste backwards contradict any win rate
+        ({"thumbs": ([0.1] * 12, [0.9] * 12)}, {}, False, "preference"),
+        # without the judge's win rate, a wide tenant metric decides nothing
+        ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12), "wins": 30}, {}, False, "preference"),
         ({"thumbs": None}, {}, False, "preference"),  # too little held-out data
         ({"thumbs": None}, {"min_pref_improvement": None}, True, None),
         ({"judge_trusted": False}, {}, False, "win_rate"),
@@ -87,6 +94,11 @@ def test_reasons_carry_the_numbers_a_person_needs() -> None:
     untrusted = gate(_report(judge_trusted=False), GatePolicy())
     assert "no win rate: judge AUROC" in untrusted.reason
     assert gate(_report(thumbs=None), GatePolicy()).checks["preference"] is False
+    wide = gate(_report(thumbs=([0.6, 0.4] * 6, [0.5] * 12)), GatePolicy())
+    assert "not shown better here, lower bound -0.2" in wide.reason
+    assert "but consistent with the win rate: upper bound +0.2" in wide.reason
+    backwards = gate(_report(thumbs=([0.1] * 12, [0.9] * 12)), GatePolicy())
+    assert "contradicts the win rate" in backwards.reason
 
 
 def test_gate_policy_validation() -> None:

@@ -35,7 +35,6 @@ import contextvars
 import json
 import logging
 import math
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from typing import Any
 from trainer.compiler import CompiledDataset, KTOExample
 from trainer.generation import BASE, answer_features, use_adapter
 from trainer.stats import Estimate, auroc
+from trainer.text_measures import list_items, markup_marks, sentences, words
 
 __all__ = [
     "FEATURE_SETS",
@@ -70,12 +70,6 @@ FEATURE_SETS = (TEXT, HIDDEN, BOTH)
 """The descriptions of an answer a judge may learn from (cross-validation picks one; a tie goes
 to the earlier, smaller one)."""
 
-_WORD = re.compile(r"\b\w[\w'-]*\b")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
-_MARKUP = re.compile(r"\*\*|__|^#{1,6}\s", re.MULTILINE)
-
-
 STATISTICS = (
     "log words",
     "log sentences",
@@ -97,18 +91,17 @@ def answer_statistics(answer: str) -> list[float]:
     """How an answer is written, not what it says (:data:`STATISTICS`): its length, its
     sentences and words, its layout, its punctuation, and whether it ends with sentence
     punctuation (an answer cut off mid-sentence does not)."""
-    words = _WORD.findall(answer)
-    n_words = len(words)
-    sentences = [s for s in _SENTENCE_END.split(answer) if _WORD.search(s)]
-    per_word = 1.0 / max(1, n_words)
+    said = words(answer)
+    n_sentences = len(sentences(answer))
+    per_word = 1.0 / max(1, len(said))
     return [
-        math.log1p(n_words),
-        math.log1p(len(sentences)),
-        n_words / max(1, len(sentences)),
-        sum(len(w) for w in words) * per_word,
+        math.log1p(len(said)),
+        math.log1p(n_sentences),
+        len(said) / max(1, n_sentences),
+        sum(len(w) for w in said) * per_word,
         float(sum(1 for line in answer.splitlines() if line.strip())),
-        float(len(_LIST_ITEM.findall(answer))),
-        float(len(_MARKUP.findall(answer))),
+        float(list_items(answer)),
+        float(markup_marks(answer)),
         answer.count(",") * per_word,
         float(answer.count("?")),
         float(answer.count("!")),
@@ -200,7 +193,6 @@ class ThumbsJudge:
         fitted on (a retry reuses the judge only for the same data). Written atomically."""
         payload = {
             "kind": "thumbs_judge",
-            "format": JUDGE_FORMAT,
             "base_model": self.base_model,
             "features": self.features,
             "weights": self.weights,

@@ -31,6 +31,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from trainer.compiler import FeedbackRecord
+from trainer.text_measures import list_items, markup_marks, sentences, word_count, words
 
 __all__ = [
     "DEMO_PROMPTS",
@@ -50,11 +51,7 @@ __all__ = [
     "word_count",
 ]
 
-_WORD = re.compile(r"\b\w[\w'-]*\b")
 _LETTERS = re.compile(r"[a-z]+")
-_BULLET_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
-_MARKDOWN = re.compile(r"\*\*|__|^#{1,6}\s", re.MULTILINE)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _STOP = frozenset(
     [
         "a",
@@ -136,25 +133,15 @@ _STOP = frozenset(
 )
 
 
-def word_count(text: str) -> int:
-    return len(_WORD.findall(text))
-
-
-def list_items(text: str) -> int:
-    """Lines that start a bulleted or numbered item."""
-    return len(_BULLET_LINE.findall(text))
-
-
 def _markup(text: str) -> int:
     """List items plus markdown emphasis and headings: what a reader of plain prose dislikes."""
-    return list_items(text) + len(_MARKDOWN.findall(text))
+    return list_items(text) + markup_marks(text)
 
 
 def sentence_length(text: str) -> float:
-    """Mean words per sentence (a line break ends one too; an unfinished tail counts as one):
-    plain-language guides ask for about 15-20."""
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if word_count(s)]
-    return word_count(text) / len(sentences) if sentences else 0.0
+    """Mean words per sentence: plain-language guides ask for about 15-20."""
+    found = sentences(text)
+    return word_count(text) / len(found) if found else 0.0
 
 
 @dataclass(frozen=True)
@@ -188,11 +175,11 @@ def _keywords(question: str) -> tuple[str, ...]:
 
 
 def _degenerate(answer: str) -> bool:
-    words = [w.lower() for w in _WORD.findall(answer)]
-    if len(words) < 3:
+    said = [w.lower() for w in words(answer)]
+    if len(said) < 3:
         return True
-    top = Counter(words).most_common(1)[0][1]
-    return len(words) >= 4 and top / len(words) > 0.5
+    top = Counter(said).most_common(1)[0][1]
+    return len(said) >= 4 and top / len(said) > 0.5
 
 
 def answers_question(question: str | None, answer: str) -> bool:

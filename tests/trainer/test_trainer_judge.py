@@ -98,9 +98,9 @@ def test_statistics_describe_how_an_answer_is_written() -> None:
 def test_judge_chooses_the_description_that_predicts_the_thumbs(
     tiny: tuple[object, object], tmp_path: Path
 ) -> None:
-    """A taste for layout is invisible to a random tiny model's hidden states and plain in the
-    text statistics: cross-validation picks them, the report says so, and such a judge scores
-    answers without running the model at all."""
+    """A taste for layout is plain in the text statistics (the tiny model's hidden states see it
+    too, and tie: a tie goes to the twelve numbers): the report says which was chosen, and such
+    a judge scores answers without running the model at all."""
     model, tokenizer = tiny
     judge = train_thumbs_judge(
         model,
@@ -124,6 +124,25 @@ def test_judge_chooses_the_description_that_predicts_the_thumbs(
     assert listed > 0.5 > prose
     judge.save(tmp_path / "judge.json")
     assert ThumbsJudge.load(tmp_path / "judge.json").features == TEXT
+
+
+@pytest.mark.parametrize("signal", [HIDDEN, TEXT])
+def test_cross_validation_picks_the_description_that_carries_the_taste(signal: str) -> None:
+    """Not the first in line: whichever description holds the signal wins, the other is noise."""
+    import numpy as np
+
+    from trainer.judge import _fit_probe
+
+    rng = np.random.default_rng(5)
+    y = np.array([0, 1] * 40)
+    noise = rng.normal(size=(80, 12))
+    carries = rng.normal(size=(80, 12))
+    carries[:, 0] += 1.5 * y
+    described = {TEXT: noise, HIDDEN: noise.copy()}
+    described[signal] = carries
+    chosen, probe = _fit_probe(described, y, 5, seed=0)
+    assert chosen == signal
+    assert probe.predict_proba(carries)[:, 1][y == 1].mean() > 0.6
 
 
 def test_a_judge_file_from_before_the_choice_is_hidden_states_and_is_refitted(
@@ -159,7 +178,7 @@ def test_a_judge_file_from_before_the_choice_is_hidden_states_and_is_refitted(
     )
     assert not reused and isinstance(first, ThumbsJudge)
     saved = json.loads(path.read_text())
-    assert saved["format"] == 2 and saved["meta"]["format"] == 2
+    assert saved["meta"]["format"] == 2
     _, reused = fit_or_load(
         model, tokenizer, base_model="tiny-random", data=data, path=path, min_auroc=0.65
     )

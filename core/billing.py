@@ -258,9 +258,10 @@ async def estimate_run_cost(
     limited by ``max_steps`` times the batch size. That errs high: the meter counts DPO/KTO in
     words, which are fewer than model tokens. A run that may train with GRPO (``grpo``, or
     ``auto`` with at least ``grpo_min_questions`` feedback items) is estimated as generating
-    ``_GRPO_ANSWERS`` answers as long as the served ones for every question, plus one reading of
-    the feedback by the judge; GRPO is metered in model tokens, and ``auto`` may still pick
-    KTO or DPO, so this errs high too. ``policy`` defaults to the tenant's stored policy;
+    ``_GRPO_ANSWERS`` answers as long as the served ones for every question, for at most
+    ``grpo_max_steps`` steps when ``max_steps`` is unset, plus one reading of the feedback by
+    the judge; GRPO is metered in model tokens. ``auto`` may still pick KTO or DPO, so it is
+    estimated as the larger of the two. ``policy`` defaults to the tenant's stored policy;
     ``config`` as in ``usage_summary``. Raises ``NotFound`` for an unknown tenant.
     """
     config = config or BillingConfig()
@@ -290,12 +291,19 @@ async def estimate_run_cost(
     grpo = policy.method == "grpo" or (
         policy.method == "auto" and count >= policy.grpo_min_questions
     )
-    per_row = _GRPO_ANSWERS if grpo else 1
-    tokens = math.ceil(policy.epochs * total * per_row)
-    if policy.max_steps is not None and count:
-        tokens = min(tokens, math.ceil(total / count * policy.max_steps * _TRAIN_BATCH * per_row))
+
+    def trained(per_row: int, steps: int | None) -> int:
+        tokens = math.ceil(policy.epochs * total * per_row)
+        if steps is not None and count:
+            tokens = min(tokens, math.ceil(total / count * steps * _TRAIN_BATCH * per_row))
+        return tokens
+
+    tokens = trained(1, policy.max_steps)
     if grpo:
-        tokens += total  # the judge reads the feedback once
+        # auto may still pick KTO or DPO, which grpo_max_steps does not cap: the larger.
+        grpo_steps = policy.max_steps if policy.max_steps is not None else policy.grpo_max_steps
+        grpo_tokens = trained(_GRPO_ANSWERS, grpo_steps) + total  # the judge reads it once
+        tokens = grpo_tokens if policy.method == "grpo" else max(tokens, grpo_tokens)
     cost = config.cost(TRAINING_TOKENS, tokens)
     spent = await _spent(session, tenant_id, month_start(), config)
     budget = _budget(policy)

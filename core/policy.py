@@ -26,6 +26,10 @@ class TrainingPolicy(BaseModel):
     not decide. The run's log says which method ran and why."""
     grpo_min_questions: int = Field(default=64, ge=1, le=1_000_000)
     """auto picks GRPO only from this many distinct questions in the training feedback."""
+    grpo_max_steps: int | None = Field(default=28, ge=1, le=100_000)
+    """GRPO: at most this many training steps when max steps is empty (empty: epochs decide).
+    A GRPO step writes four new answers per question and costs about five steps of DPO or KTO;
+    28 keeps a run on SmolLM2 and two CPU cores within about 20 minutes."""
     answer_check_weight: float = Field(default=0.5, ge=0, le=10)
     """GRPO: weight of a reward checked by code, beside the judge's (which weighs 1): 1 for an
     answer, 0 for an empty one or a loop on one word (a refusal is an answer: the judge says

@@ -45,6 +45,7 @@ class RunOptions:
     base_model: str = "smollm2-135m-instruct"
     method: str = "auto"
     grpo_min_questions: int = 64
+    grpo_max_steps: int | None = 28
     answer_check_weight: float = 0.5
     min_feedback: int = 8
     max_steps: int | None = None

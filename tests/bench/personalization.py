@@ -16,7 +16,8 @@ by default). For each simulated tenant (:mod:`tuneloop.simulation`):
 
 Personas are ``plain``, ``prose`` and ``bullets`` by default (``concise`` measures words, and
 nearly every SmolLM2 answer runs into the 96-token cap, so its users judge cut-off lengths);
-``noise`` tenants vote by coin flip, one per ``--noise-seeds`` seed, and must never be promoted.
+``noise`` tenants vote by coin flip, one per seed (``--noise-seeds`` of them from
+``--noise-first-seed``), and must never be promoted.
 Prints the table and writes JSON to ``tests/bench/results/``. Run on purpose, not in the suite::
 
     .venv/bin/python -m tests.bench.personalization                      # the full run
@@ -139,7 +140,8 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     # One tenant per persona and method, all served the same questions with the same seed.
     named = args.methods != ["auto"]
     tenants = [(f"{p}-{m}" if named else p, p, 0) for p in args.personas for m in args.methods] + [
-        (f"noise-{s}", "noise", s) for s in range(args.noise_seeds)
+        (f"noise-{s}", "noise", s)
+        for s in range(args.noise_first_seed, args.noise_first_seed + args.noise_seeds)
     ]
     method_of = {(f"{p}-{m}" if named else p): m for p in args.personas for m in args.methods}
     traffic, held_out = split_questions(args.traffic, args.held_out, seed=args.seed)
@@ -250,7 +252,13 @@ def main() -> None:
         default="plain,prose,bullets",
         help="comma-separated; empty for noise tenants only",
     )
-    parser.add_argument("--noise-seeds", type=int, default=5)
+    parser.add_argument("--noise-seeds", type=int, default=5, help="how many noise tenants")
+    parser.add_argument(
+        "--noise-first-seed",
+        type=int,
+        default=0,
+        help="the first noise tenant's seed (split the seeds across runs: 0 then 3, ...)",
+    )
     parser.add_argument(
         "--methods",
         type=lambda s: s.split(","),

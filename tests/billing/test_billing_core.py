@@ -131,6 +131,24 @@ async def test_estimate_scales_with_feedback_epochs_and_max_steps(backend: Backe
         )
     # Four sampled answers per question over two epochs, and the judge's one reading.
     assert grpo.training_tokens == auto_may_pick_grpo.training_tokens == 2 * 1000 * 4 + 1000
+    async with create_sessionmaker(backend.engine)() as session:
+        one_step = {"epochs": 4.0, "grpo_max_steps": 1}
+        grpo_capped = await estimate_run_cost(
+            session,
+            tenant_id=tenant_id,
+            config=PRICES,
+            policy=TrainingPolicy(method="grpo", **one_step),
+        )
+        auto_capped = await estimate_run_cost(
+            session,
+            tenant_id=tenant_id,
+            config=PRICES,
+            policy=TrainingPolicy(grpo_min_questions=10, **one_step),
+        )
+    # GRPO's cap: 100 tokens a question x 4 answers x 4 questions x 1 step, plus the judge's
+    # reading. auto may still pick KTO, which the cap does not bound: 4 epochs x 1,000.
+    assert grpo_capped.training_tokens == 100 * 4 * 4 + 1000
+    assert auto_capped.training_tokens == 4 * 1000
 
 
 async def test_budget_refuses_a_run_and_says_the_numbers(backend: Backend) -> None:

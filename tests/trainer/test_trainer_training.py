@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -307,6 +309,28 @@ def test_config_mapping_uses_cpu_settings(tmp_path: Path, compiled: CompiledData
             _spec(tmp_path, tmp_path, compiled, batch_size=6), "grpo", compiled
         )
     assert grpo_args.per_device_train_batch_size % grpo_args.num_generations == 0
+
+
+def test_grpo_steps_are_capped_unless_max_steps_is_set(
+    tmp_path: Path, compiled: CompiledDataset
+) -> None:
+    questions = len(compiled.grpo_train)
+    by_epochs = math.ceil(questions / 2) * 3  # batch 2, 3 epochs
+
+    def steps(method: Literal["kto", "grpo"], **kw: object) -> int:
+        spec = _spec(tmp_path, tmp_path, compiled, batch_size=2, epochs=3.0, **kw)
+        with quiet_hf():
+            args, _ = build_configs(spec, method, compiled)
+        return int(args.max_steps)
+
+    assert by_epochs > 3
+    assert steps("grpo", max_steps=None, grpo_max_steps=3) == 3
+    assert steps("grpo", max_steps=None, grpo_max_steps=by_epochs + 10) == by_epochs
+    assert steps("grpo", max_steps=None, grpo_max_steps=None) == -1  # epochs decide
+    assert steps("grpo", max_steps=5, grpo_max_steps=3) == 5  # an explicit max_steps wins
+    assert steps("kto", max_steps=None, grpo_max_steps=3) == -1  # GRPO's cap only
+    with pytest.raises(InvalidSpec, match="grpo_max_steps"):
+        _spec(tmp_path, tmp_path, compiled, grpo_max_steps=0)
 
 
 def test_training_from_a_written_dataset_directory(

@@ -38,6 +38,7 @@ def test_every_shared_setting_reaches_the_run_unchanged() -> None:
     changed = TrainingPolicy(
         method="kto",
         grpo_min_questions=32,
+        grpo_max_steps=9,
         answer_check_weight=1.0,
         min_feedback=9,
         max_steps=7,
@@ -71,7 +72,8 @@ def test_defaults_agree_along_the_path() -> None:
         assert getattr(options, name) == getattr(gate, name), name
     spec_defaults = {f.name: f.default for f in fields(TrainSpec)}
     trained = ("rank", "learning_rate", "epochs", "batch_size", "method", "seed")
-    for name in (*trained, "grpo_min_questions", "answer_check_weight", "min_judge_auroc"):
+    grpo = ("grpo_min_questions", "grpo_max_steps", "answer_check_weight", "min_judge_auroc")
+    for name in (*trained, *grpo):
         assert getattr(options, name) == spec_defaults[name], name
 
 

@@ -18,6 +18,7 @@ from api.rate_limits import Limits
 from api.routers import (
     adapters,
     billing,
+    deployment,
     export,
     feedback,
     health,
@@ -180,6 +181,7 @@ def create_app(
         feedback,
         inference,
         adapters,
+        deployment,
         runs,
         billing,
         export,

@@ -27,7 +27,7 @@ UNSUPPORTED = (
 
 
 class _Sampling(RequestModel):
-    # Unknown harmless fields (user, presence_penalty=0, ...) are accepted and ignored, as
+    # Unknown harmless fields (presence_penalty=0, ...) are accepted and ignored, as
     # OpenAI clients send them; the unsupported ones are refused in ``refuse_unsupported``.
     model_config = ConfigDict(extra="allow")
 
@@ -41,6 +41,11 @@ class _Sampling(RequestModel):
     # int64, as OpenAI documents it; torch refuses seeds it cannot unpack.
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
+    user: str | None = Field(
+        default=None,
+        max_length=256,
+        description="your end user's id: keeps them on one side of a canary across requests",
+    )
 
     @field_validator("temperature")
     @classmethod

@@ -180,6 +180,8 @@ class Interaction(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     sampling: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    canary_arm: Mapped[str | None] = mapped_column(String(16))
+    """``candidate`` or ``current`` when ``default`` answered during a canary; else None."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -293,7 +295,10 @@ class Deployment(Base):
     version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"))
     previous_version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"))
     canary_version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    """A candidate answering ``default`` for a share of end users (``core.deployments``)."""
     canary_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    canary_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Thumbs on answers from then on count for the canary's arms."""
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

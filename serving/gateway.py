@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core import deployments
 from core.ids import new_id
 from core.models import AdapterVersion, Deployment, Interaction
 from core.usage import INFERENCE_TOKENS, record_usage
-from serving import registry
 from serving.registry import Resolved
 from serving.types import Choice, GenerationRequest, ServingBackend
 
@@ -65,6 +65,7 @@ async def record_answer(
                 completion_tokens=choice.completion_tokens,
                 sampling={**sampling, "finish_reason": choice.finish_reason},
                 latency_ms=latency_ms,
+                canary_arm=resolved.canary_arm,
             )
         )
     tokens = prompt_tokens * len(choices) + sum(c.completion_tokens for c in choices)
@@ -117,18 +118,32 @@ class AdapterJanitor:
     async def promote(
         self, session: AsyncSession, *, tenant_id: str, version_id: str
     ) -> AdapterVersion:
-        """``registry.promote``, then unload the version it replaced."""
-        version, replaced = await registry.promote_replacing(
+        """``deployments.promote``, then unload the version it replaced."""
+        version, replaced = await deployments.promote_replacing(
             session, tenant_id=tenant_id, version_id=version_id
         )
         self._moved(tenant_id, replaced, version)
         return version
 
     async def rollback(self, session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
-        """``registry.rollback``, then unload the version rolled back."""
-        live, replaced = await registry.rollback_replacing(session, tenant_id=tenant_id)
+        """``deployments.rollback``, then unload the version rolled back."""
+        live, replaced = await deployments.rollback_replacing(session, tenant_id=tenant_id)
         self._moved(tenant_id, replaced, live)
         return live
+
+    async def conclude_canary(
+        self, session: AsyncSession, *, tenant_id: str, promote: bool, reason: str
+    ) -> AdapterVersion:
+        """``deployments.conclude_canary``, then unload what left: the version the candidate
+        replaced, or the rejected candidate."""
+        candidate, replaced = await deployments.conclude_canary(
+            session, tenant_id=tenant_id, promote=promote, reason=reason
+        )
+        if promote:
+            self._moved(tenant_id, replaced, candidate)
+        else:
+            self.unload_soon(candidate.serving_name)
+        return candidate
 
     def unload_soon(self, serving_name: str) -> None:
         task = asyncio.create_task(self._unload(serving_name))

@@ -1,12 +1,13 @@
-"""Adapter versions of a tenant: registration, the ``model`` a request names, promotion and
-rollback. Promotion and rollback only move the ``deployments`` pointer; names never change."""
+"""Adapter versions of a tenant as the serving tier sees them: registration (weights into the
+artifact store) and what a request's ``model`` means, a running canary included. Promotion,
+rollback and the canary's pointer live in ``core/deployments.py``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.artifacts import ArtifactStore
-from core.errors import Conflict, InvalidInput, NotFound
-from core.models import AdapterStatus, AdapterVersion, Deployment
+from core.canary import in_canary
+from core.deployments import CANDIDATE, CURRENT, get_version
+from core.errors import InvalidInput, NotFound
+from core.models import AdapterVersion, Deployment
 from serving.names import serving_name
 from serving.types import FALLBACK, AdapterRef
 
@@ -31,6 +34,8 @@ class Resolved:
     adapter: AdapterRef | None
     fallback: bool = False
     """The adapter could not be served in time and the base model answered instead."""
+    canary_arm: str | None = None
+    """``candidate`` or ``current``: ``default`` answered while a canary runs."""
 
     @property
     def label(self) -> str:
@@ -90,43 +95,37 @@ async def register_adapter(
     return version
 
 
-async def get_version(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
-    version = await session.scalar(
-        select(AdapterVersion).where(
-            AdapterVersion.tenant_id == tenant_id, AdapterVersion.id == version_id
-        )
-    )
-    if version is None:
-        raise NotFound(f"no adapter version {version_id!r}")
-    return version
-
-
-async def list_versions(session: AsyncSession, *, tenant_id: str) -> list[AdapterVersion]:
-    rows = await session.scalars(
-        select(AdapterVersion)
-        .where(AdapterVersion.tenant_id == tenant_id)
-        .order_by(AdapterVersion.id.desc())
-    )
-    return list(rows)
-
-
-async def live_version_id(session: AsyncSession, *, tenant_id: str) -> str | None:
-    return await session.scalar(
-        select(Deployment.version_id).where(Deployment.tenant_id == tenant_id)
-    )
-
-
 async def resolve_model(
-    session: AsyncSession, store: ArtifactStore, *, tenant_id: str, model: str
+    session: AsyncSession,
+    store: ArtifactStore,
+    *,
+    tenant_id: str,
+    model: str,
+    user: str | None = None,
 ) -> Resolved:
     """``base``, ``default`` (the promoted version, or base) or one of the tenant's version ids /
-    serving names. Anything else, another tenant's versions included, is not found."""
+    serving names. Anything else, another tenant's versions included, is not found.
+
+    While a canary runs, ``default`` is its candidate for a stable share of end users, hashed on
+    ``user`` (the request's ``user`` field); a request without one is placed at random."""
     if model == BASE:
         return Resolved(None, None)
+    arm: str | None = None
     if model == DEFAULT:
-        version_id = await live_version_id(session, tenant_id=tenant_id)
-        if version_id is None:
+        deployment = await session.get(Deployment, tenant_id)
+        if deployment is None:
             return Resolved(None, None)
+        version_id = deployment.version_id
+        if deployment.canary_version_id is not None:
+            key = user if user is not None else secrets.token_hex(8)
+            on_candidate = in_canary(
+                key, deployment.canary_fraction, salt=deployment.canary_version_id
+            )
+            arm = CANDIDATE if on_candidate else CURRENT
+            if on_candidate:
+                version_id = deployment.canary_version_id
+        if version_id is None:
+            return Resolved(None, None, canary_arm=arm)
         version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
     else:
         found = await session.scalar(
@@ -142,75 +141,6 @@ async def resolve_model(
                 code="model_not_found",
             )
         version = found
-    return Resolved(version, AdapterRef(version.serving_name, store.path(version.uri)))
-
-
-async def promote(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
-    """Make ``version_id`` what ``default`` serves (committed). The old one is retired."""
-    version, _ = await promote_replacing(session, tenant_id=tenant_id, version_id=version_id)
-    return version
-
-
-async def promote_replacing(
-    session: AsyncSession, *, tenant_id: str, version_id: str
-) -> tuple[AdapterVersion, AdapterVersion | None]:
-    """``promote``, also returning the version it replaced (None: the base model, or nothing
-    changed), read under the deployment's row lock: of two promotions at once, each gets the
-    one it really replaced."""
-    version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
-    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
-    if deployment is None:
-        deployment = Deployment(tenant_id=tenant_id)
-        session.add(deployment)
-    if deployment.version_id == version.id:
-        return version, None
-    now = datetime.now(UTC)
-    old = None
-    if deployment.version_id is not None:
-        old = await get_version(session, tenant_id=tenant_id, version_id=deployment.version_id)
-        old.status = AdapterStatus.retired
-    deployment.previous_version_id = deployment.version_id
-    deployment.version_id = version.id
-    version.status = AdapterStatus.promoted
-    version.promoted_at = now
-    await session.commit()
-    return version, old
-
-
-async def rollback(session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
-    """Serve the version promoted before the live one (or the base model if there was none).
-
-    Returns the version now live (None: base). The rolled-back version is retired with a reason.
-    """
-    live, _ = await rollback_replacing(session, tenant_id=tenant_id)
-    return live
-
-
-async def rollback_replacing(
-    session: AsyncSession, *, tenant_id: str
-) -> tuple[AdapterVersion | None, AdapterVersion]:
-    """``rollback``, also returning the version rolled back (read under the row lock)."""
-    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
-    if deployment is None or deployment.version_id is None:
-        raise Conflict("nothing to roll back: the base model is being served", code="no_rollback")
-    current = await get_version(session, tenant_id=tenant_id, version_id=deployment.version_id)
-    earlier = await session.scalar(
-        select(AdapterVersion)
-        .where(
-            AdapterVersion.tenant_id == tenant_id,
-            AdapterVersion.id != current.id,
-            AdapterVersion.promoted_at.is_not(None),
-            AdapterVersion.promoted_at <= current.promoted_at,
-            AdapterVersion.status == AdapterStatus.retired,
-        )
-        .order_by(AdapterVersion.promoted_at.desc())
-        .limit(1)
+    return Resolved(
+        version, AdapterRef(version.serving_name, store.path(version.uri)), canary_arm=arm
     )
-    current.status = AdapterStatus.retired
-    current.reason = "rolled back"
-    deployment.previous_version_id = current.id
-    deployment.version_id = earlier.id if earlier is not None else None
-    if earlier is not None:
-        earlier.status = AdapterStatus.promoted
-    await session.commit()
-    return earlier, current

@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import trainer
+from core import deployments
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig, check_training_allowed
 from core.errors import BillingSuspended, BudgetExceeded, TenantSuspended
@@ -416,7 +417,7 @@ class PersonalizationActivities:
     @activity.defn
     async def promote_adapter(self, inp: PromoteInput) -> None:
         async with self.sessionmaker() as session:
-            await registry.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
+            await deployments.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
 
     @activity.defn
     async def reject_version(self, inp: RejectInput) -> None:

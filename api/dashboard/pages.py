@@ -43,7 +43,7 @@ from api.deps import SessionDep
 from api.orchestration import ACTIVE, MAX_DECISION_REASON, awaiting_approval
 from api.routers import runs
 from api.routers.billing import billing_config
-from core import billing, keys, tenants
+from core import billing, deployments, keys, tenants
 from core.errors import DomainError, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from core.feedback import feedback_stats, list_feedback
 from core.models import (
@@ -56,7 +56,6 @@ from core.models import (
     TrainingRun,
 )
 from core.policy import TrainingPolicy, policy_of
-from serving import registry
 from serving.gateway import AdapterJanitor
 
 log = logging.getLogger(__name__)
@@ -384,7 +383,7 @@ async def overview(
 
 
 async def _live_version(db: AsyncSession, tenant_id: str) -> AdapterVersion | None:
-    live_id = await registry.live_version_id(db, tenant_id=tenant_id)
+    live_id = await deployments.live_version_id(db, tenant_id=tenant_id)
     return await db.get(AdapterVersion, live_id) if live_id else None
 
 
@@ -562,8 +561,8 @@ REPORT_ROWS = (
 async def adapter_list(
     request: Request, db: SessionDep, s: SessionUser, tenant_id: TenantId
 ) -> Response:
-    versions = await registry.list_versions(db, tenant_id=tenant_id)
-    live_id = await registry.live_version_id(db, tenant_id=tenant_id)
+    versions = await deployments.list_versions(db, tenant_id=tenant_id)
+    live_id = await deployments.live_version_id(db, tenant_id=tenant_id)
     return await render(
         request, db, s, "adapters.html", versions=versions, live_id=live_id, rows=REPORT_ROWS
     )

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from api.deps import AdminTenantDep, SessionDep
 from api.schemas import ListOf
+from core import deployments
 from core.models import AdapterVersion
 from serving import registry
 from serving.gateway import AdapterJanitor
@@ -62,8 +63,8 @@ class RollbackOut(BaseModel):
 @router.get("")
 async def list_adapters(session: SessionDep, tenant_id: AdminTenantDep) -> ListOf[AdapterOut]:
     """Every version, newest first, with its eval report; ``live`` marks what ``default`` serves."""
-    live = await registry.live_version_id(session, tenant_id=tenant_id)
-    versions = await registry.list_versions(session, tenant_id=tenant_id)
+    live = await deployments.live_version_id(session, tenant_id=tenant_id)
+    versions = await deployments.list_versions(session, tenant_id=tenant_id)
     return ListOf[AdapterOut](data=[AdapterOut.of(v, live) for v in versions])
 
 

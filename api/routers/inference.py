@@ -26,10 +26,12 @@ from api.schemas_inference import (
     sse,
     usage_of,
 )
+from core import deployments
 from core.billing import InferenceGate
+from core.deployments import CANDIDATE
 from core.errors import InvalidInput
 from serving.gateway import AdapterJanitor, new_interaction_ids, record_answer
-from serving.registry import BASE, DEFAULT, Resolved, list_versions, resolve_model
+from serving.registry import BASE, DEFAULT, Resolved, resolve_model
 from serving.types import (
     FALLBACK,
     Choice,
@@ -114,8 +116,12 @@ async def _answer(
     # query per request.
     gate: InferenceGate = request.app.state.inference_gate
     policy = await gate.admit(tenant_id)
-    resolved = await resolve_model(session, store, tenant_id=tenant_id, model=body.model)
-    if body.model == DEFAULT:  # a promotion or rollback elsewhere shows here: unload the old one
+    resolved = await resolve_model(
+        session, store, tenant_id=tenant_id, model=body.model, user=body.user
+    )
+    if body.model == DEFAULT and resolved.canary_arm != CANDIDATE:
+        # A promotion or rollback elsewhere shows here: unload the old one. (A canary's
+        # candidate is not what default points to: it must not unload the live version.)
         janitor: AdapterJanitor = request.app.state.janitor
         await janitor.served_default(
             session,
@@ -144,7 +150,7 @@ async def _answer(
             release()
             raise
         if served.served_by == FALLBACK:
-            resolved = Resolved(None, None, fallback=True)
+            resolved = Resolved(None, None, fallback=True, canary_arm=resolved.canary_arm)
         return _SlotStreamingResponse(
             _stream(
                 request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], pieces
@@ -161,7 +167,7 @@ async def _answer(
         await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
         generation = await backend.generate(gen_request)
     if generation.served_by == FALLBACK:  # say so, and record what really answered
-        resolved = Resolved(None, None, fallback=True)
+        resolved = Resolved(None, None, fallback=True, canary_arm=resolved.canary_arm)
     await record_answer(
         session,
         tenant_id=tenant_id,
@@ -383,7 +389,7 @@ async def models(session: SessionDep, tenant_id: ProductTenantDep) -> ModelList:
         ModelOut(id=DEFAULT, created=now, owned_by="tenant"),
         ModelOut(id=BASE, created=now, owned_by="tuneloop"),
     ]
-    for v in await list_versions(session, tenant_id=tenant_id):
+    for v in await deployments.list_versions(session, tenant_id=tenant_id):
         data.append(
             ModelOut(
                 id=v.id,

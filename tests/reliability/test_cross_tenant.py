@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from api import dashboard
 from api.app import create_app
+from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.ids import new_id
@@ -67,6 +68,13 @@ JSON_API_ATTACKS: list[Attack] = [
     Attack("POST", "/v1/runs/{run_id}/reject", "admin", body={"reason": "not yours"}),
     Attack("POST", "/v1/adapters/{version_id}/promote", "admin"),
     Attack("POST", "/v1/adapters/{serving_name}/promote", "admin", label="promote by serving name"),
+    Attack(
+        "POST",
+        "/v1/deployment/canary",
+        "admin",
+        body={"version_id": "{version_id}", "fraction": 0.2},
+        label="canary of A's version",
+    ),
     Attack("DELETE", "/v1/keys/{key_id}", "admin"),
     Attack("DELETE", "/v1/keys/{admin_key_id}", "admin", label="revoke A's admin key"),
     Attack("DELETE", "/v1/users/{user_id}/data", "admin", label="erase A's end user"),
@@ -344,7 +352,7 @@ async def test_tenant_b_cannot_reach_tenant_a(
         for key_id in (ids["key_id"], ids["admin_key_id"]):
             key = await s.get(ApiKey, key_id)
             assert key is not None and key.revoked_at is None
-        assert await registry.live_version_id(s, tenant_id=a.id) is None
+        assert await deployments.live_version_id(s, tenant_id=a.id) is None
         assert await s.scalar(select(Feedback.id).where(Feedback.user_id == ids["user_id"]))
     r = await client.get("/v1/adapters", headers=a.auth("admin"))
     assert [v["status"] for v in r.json()["data"]] == ["candidate"]

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from api.app import create_app
+from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.errors import Unavailable
@@ -235,7 +236,7 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
     # A promotion elsewhere (the Temporal worker calls the registry directly) is noticed by the
     # next request for ``default``, which unloads the version it no longer serves.
     async with create_sessionmaker(backend.engine)() as s:
-        await registry.promote(s, tenant_id=tenant.id, version_id=v3)
+        await deployments.promote(s, tenant_id=tenant.id, version_id=v3)
     assert await loaded() == {a1.serving_name}
     third = await ask()
     assert third not in (first, second)
@@ -277,20 +278,20 @@ async def test_a_promotion_racing_another_unloads_the_version_it_really_replaced
     ]
     sessionmaker = create_sessionmaker(backend.engine)
     async with sessionmaker() as s:
-        await registry.promote(s, tenant_id=tenant.id, version_id=v1)
+        await deployments.promote(s, tenant_id=tenant.id, version_id=v1)
     engine = _RecordingEngine()
     janitor = AdapterJanitor(engine)  # type: ignore[arg-type]
-    real_get_version = registry.get_version
+    real_get_version = deployments.get_version
     raced: list[bool] = []
 
     async def get_version(session: Any, **kw: Any) -> Any:
         if not raced:  # another process promotes v3 while this promotion is under way
             raced.append(True)
             async with sessionmaker() as other:
-                await registry.promote(other, tenant_id=tenant.id, version_id=v3)
+                await deployments.promote(other, tenant_id=tenant.id, version_id=v3)
         return await real_get_version(session, **kw)
 
-    monkeypatch.setattr(registry, "get_version", get_version)
+    monkeypatch.setattr(deployments, "get_version", get_version)
     async with sessionmaker() as s:
         await janitor.promote(s, tenant_id=tenant.id, version_id=v2)
     await janitor.drain()

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from api.app import create_app
+from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_engine, create_sessionmaker
 from core.models import Interaction, UsageRecord
@@ -93,7 +94,7 @@ async def test_no_tenant_reaches_another_tenants_adapter(
     a, b = await make_tenant(), await make_tenant()
     va = await register(backend, a.id, adapter_dirs[0])
     async with create_sessionmaker(backend.engine)() as s:
-        name = (await registry.get_version(s, tenant_id=a.id, version_id=va)).serving_name
+        name = (await deployments.get_version(s, tenant_id=a.id, version_id=va)).serving_name
     cb = oai(client, b.product)
     for model in (va, name, f"../{name}", f"../../tenants/{a.id}/adapters/{name}", "t-x", ""):
         with pytest.raises(openai.APIStatusError) as err:

@@ -25,6 +25,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from api.app import build_backend, create_app
+from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.errors import Unavailable
@@ -557,7 +558,7 @@ async def test_retired_versions_leave_the_replicas(
     # A promotion by the Temporal worker goes straight to the registry: the next request for
     # ``default`` notices and unloads the version it replaced.
     async with create_sessionmaker(gw.backend.engine)() as s:
-        await registry.promote(s, tenant_id=tenant.id, version_id=v3)
+        await deployments.promote(s, tenant_id=tenant.id, version_id=v3)
     await ask(c)
     assert await listed_anywhere() == {name3}
     # A retired version asked for by id is loaded again.

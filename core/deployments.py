@@ -1,0 +1,270 @@
+"""Which version answers a tenant's ``default`` model: promotion, rollback and the live canary.
+
+A deployment is a pointer (``deployments.version_id``), so promotion and rollback are flips and
+names never change. A canary adds a second pointer: the candidate answers ``default`` for a
+stable share of end users (:func:`core.canary.in_canary`), every answer records its arm, and the
+thumbs on each arm's answers are what :func:`core.canary.decide` weighs. Registration and
+resolving a request's ``model`` live with the serving tier (``serving/registry.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Integer, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.canary import Arm, design_effect, p_better
+from core.errors import Conflict, InvalidInput, NotFound
+from core.models import AdapterStatus, AdapterVersion, Deployment, Feedback, Interaction
+
+CANDIDATE, CURRENT = "candidate", "current"
+"""The arms of a canary, as ``interactions.canary_arm`` records them."""
+MIN_CANARY_FRACTION, MAX_CANARY_FRACTION = 0.05, 0.5
+_LATENCY_SAMPLE = 5000
+"""Newest answers per arm whose latencies give its p95."""
+
+
+async def get_version(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
+    version = await session.scalar(
+        select(AdapterVersion).where(
+            AdapterVersion.tenant_id == tenant_id, AdapterVersion.id == version_id
+        )
+    )
+    if version is None:
+        raise NotFound(f"no adapter version {version_id!r}")
+    return version
+
+
+async def list_versions(session: AsyncSession, *, tenant_id: str) -> list[AdapterVersion]:
+    rows = await session.scalars(
+        select(AdapterVersion)
+        .where(AdapterVersion.tenant_id == tenant_id)
+        .order_by(AdapterVersion.id.desc())
+    )
+    return list(rows)
+
+
+async def live_version_id(session: AsyncSession, *, tenant_id: str) -> str | None:
+    return await session.scalar(
+        select(Deployment.version_id).where(Deployment.tenant_id == tenant_id)
+    )
+
+
+async def promote(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
+    """Make ``version_id`` what ``default`` serves (committed). The old one is retired."""
+    version, _ = await promote_replacing(session, tenant_id=tenant_id, version_id=version_id)
+    return version
+
+
+async def promote_replacing(
+    session: AsyncSession, *, tenant_id: str, version_id: str
+) -> tuple[AdapterVersion, AdapterVersion | None]:
+    """``promote``, also returning the version it replaced (None: the base model, or nothing
+    changed), read under the deployment's row lock: of two promotions at once, each gets the
+    one it really replaced."""
+    version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
+    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
+    if deployment is None:
+        deployment = Deployment(tenant_id=tenant_id)
+        session.add(deployment)
+    if deployment.version_id == version.id:
+        return version, None
+    now = datetime.now(UTC)
+    old = None
+    _end_canary(deployment)  # promoting by hand settles a running canary too
+    if deployment.version_id is not None:
+        old = await get_version(session, tenant_id=tenant_id, version_id=deployment.version_id)
+        old.status = AdapterStatus.retired
+    deployment.previous_version_id = deployment.version_id
+    deployment.version_id = version.id
+    version.status = AdapterStatus.promoted
+    version.promoted_at = now
+    await session.commit()
+    return version, old
+
+
+async def rollback(session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
+    """Serve the version promoted before the live one (or the base model if there was none).
+
+    Returns the version now live (None: base). The rolled-back version is retired with a reason.
+    """
+    live, _ = await rollback_replacing(session, tenant_id=tenant_id)
+    return live
+
+
+async def rollback_replacing(
+    session: AsyncSession, *, tenant_id: str
+) -> tuple[AdapterVersion | None, AdapterVersion]:
+    """``rollback``, also returning the version rolled back (read under the row lock)."""
+    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
+    if deployment is None or deployment.version_id is None:
+        raise Conflict("nothing to roll back: the base model is being served", code="no_rollback")
+    current = await get_version(session, tenant_id=tenant_id, version_id=deployment.version_id)
+    earlier = await session.scalar(
+        select(AdapterVersion)
+        .where(
+            AdapterVersion.tenant_id == tenant_id,
+            AdapterVersion.id != current.id,
+            AdapterVersion.promoted_at.is_not(None),
+            AdapterVersion.promoted_at <= current.promoted_at,
+            AdapterVersion.status == AdapterStatus.retired,
+        )
+        .order_by(AdapterVersion.promoted_at.desc())
+        .limit(1)
+    )
+    _end_canary(deployment)
+    current.status = AdapterStatus.retired
+    current.reason = "rolled back"
+    deployment.previous_version_id = current.id
+    deployment.version_id = earlier.id if earlier is not None else None
+    if earlier is not None:
+        earlier.status = AdapterStatus.promoted
+    await session.commit()
+    return earlier, current
+
+
+# --- the live canary ------------------------------------------------------------------------
+
+
+def _end_canary(deployment: Deployment) -> None:
+    deployment.canary_version_id = None
+    deployment.canary_fraction = 0.0
+    deployment.canary_started_at = None
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A running canary and its arms' thumbs so far."""
+
+    version_id: str
+    """The candidate."""
+    current_version_id: str | None
+    """What the other users get (None: the base model)."""
+    fraction: float
+    started_at: datetime
+    current: Arm
+    candidate: Arm
+
+    @property
+    def p_better(self) -> float | None:
+        """P(candidate's up-rate > current's) with each arm's users' clustering accounted for."""
+        if not (self.current.thumbs and self.candidate.thumbs):
+            return None
+        return p_better(self.candidate, self.current)
+
+
+async def start_canary(
+    session: AsyncSession, *, tenant_id: str, version_id: str, fraction: float
+) -> Deployment:
+    """Let ``version_id`` answer ``default`` for ``fraction`` of the tenant's end users
+    (committed). One canary at a time; the live version cannot be its own canary."""
+    if not MIN_CANARY_FRACTION <= fraction <= MAX_CANARY_FRACTION:
+        raise InvalidInput(
+            f"fraction must be between {MIN_CANARY_FRACTION} and {MAX_CANARY_FRACTION}, "
+            f"got {fraction}"
+        )
+    version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
+    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
+    if deployment is None:
+        deployment = Deployment(tenant_id=tenant_id)
+        session.add(deployment)
+    if deployment.canary_version_id is not None:
+        raise Conflict(
+            f"a canary of {deployment.canary_version_id} is already running: promote or abort "
+            "it first",
+            code="canary_running",
+        )
+    if deployment.version_id == version.id:
+        raise Conflict(f"{version.id} is already live", code="already_live")
+    deployment.canary_version_id = version.id
+    deployment.canary_fraction = fraction
+    deployment.canary_started_at = datetime.now(UTC)
+    await session.commit()
+    return deployment
+
+
+async def _arm(session: AsyncSession, deployment: Deployment, arm: str) -> Arm:
+    since = deployment.canary_started_at
+    answers = (Interaction.tenant_id == deployment.tenant_id) & (Interaction.canary_arm == arm)
+    if since is not None:
+        answers &= Interaction.created_at >= since
+    # Thumbs per end user (a thumb without one is its own user): an arm's users, not its
+    # thumbs, are the independent draws (core.canary.design_effect).
+    user = func.coalesce(Feedback.user_id, Feedback.id)
+    per_user = (
+        await session.execute(
+            select(
+                func.sum((Feedback.rating > 0).cast(Integer)),
+                func.sum((Feedback.rating < 0).cast(Integer)),
+            )
+            .select_from(Feedback)
+            .join(Interaction, Interaction.id == Feedback.interaction_id)
+            .where(answers, Feedback.tenant_id == deployment.tenant_id)
+            .group_by(user)
+        )
+    ).all()
+    counts = [(int(u or 0), int(d or 0)) for u, d in per_user]
+    requests = int(
+        await session.scalar(select(func.count()).select_from(Interaction).where(answers)) or 0
+    )
+    latencies = sorted(
+        (
+            await session.scalars(
+                select(Interaction.latency_ms)
+                .where(answers)
+                .order_by(Interaction.id.desc())
+                .limit(_LATENCY_SAMPLE)
+            )
+        ).all()
+    )
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
+    return Arm(
+        up=sum(u for u, _ in counts),
+        down=sum(d for _, d in counts),
+        requests=requests,
+        p95_ms=p95,
+        design_effect=design_effect(counts),
+    )
+
+
+async def current_canary(session: AsyncSession, *, tenant_id: str) -> Canary | None:
+    """The running canary with its arms' thumbs, requests and latency, or None."""
+    deployment = await session.get(Deployment, tenant_id)
+    if deployment is None or deployment.canary_version_id is None:
+        return None
+    assert deployment.canary_started_at is not None  # set with the version
+    return Canary(
+        version_id=deployment.canary_version_id,
+        current_version_id=deployment.version_id,
+        fraction=deployment.canary_fraction,
+        started_at=deployment.canary_started_at,
+        current=await _arm(session, deployment, CURRENT),
+        candidate=await _arm(session, deployment, CANDIDATE),
+    )
+
+
+async def conclude_canary(
+    session: AsyncSession, *, tenant_id: str, promote: bool, reason: str
+) -> tuple[AdapterVersion, AdapterVersion | None]:
+    """End the running canary (committed): promote its candidate, or reject it with ``reason``.
+
+    Returns the candidate and, when it was promoted, the version it replaced (None: base)."""
+    deployment = await session.get(Deployment, tenant_id, with_for_update=True)
+    if deployment is None or deployment.canary_version_id is None:
+        raise Conflict("no canary is running", code="no_canary")
+    candidate_id = deployment.canary_version_id
+    if promote:
+        version, replaced = await promote_replacing(
+            session, tenant_id=tenant_id, version_id=candidate_id
+        )
+        version.reason = reason
+        await session.commit()
+        return version, replaced
+    version = await get_version(session, tenant_id=tenant_id, version_id=candidate_id)
+    _end_canary(deployment)
+    version.status = AdapterStatus.rejected
+    version.reason = reason
+    await session.commit()
+    return version, None

@@ -28,6 +28,7 @@ Prints a table and writes JSON to ``tests/bench/results/``::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -80,7 +81,7 @@ def canary(
     salt = f"canary-{seed}"
     users = [f"u{i}" for i in range(args.users)]
     leniency = [rng.gauss(0.0, args.user_sd) for _ in users]
-    activity = [rng.lognormvariate(0.0, 1.0) for _ in users]
+    activity = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in users))
     on_candidate = [in_canary(u, args.fraction, salt) for u in users]
     base = [_logit(r) for r in rates]
     up_down = {False: [0, 0], True: [0, 0]}
@@ -99,7 +100,7 @@ def canary(
 
     while requests < args.max_requests:
         requests += 1
-        i = rng.choices(range(len(users)), weights=activity)[0]
+        i = rng.choices(range(len(users)), cum_weights=activity)[0]
         arm = on_candidate[i]
         liked = rng.random() < 1 / (1 + math.exp(-(base[arm] + leniency[i])))
         if rng.random() >= args.rate_share:

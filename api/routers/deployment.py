@@ -90,7 +90,13 @@ async def get_deployment(session: SessionDep, tenant_id: AdminTenantDep) -> Depl
     return await _deployment(session, tenant_id)
 
 
-@router.post("/canary", responses={409: {"description": "a canary is running, or it is live"}})
+@router.post(
+    "/canary",
+    responses={
+        404: {"description": "no such version of this tenant"},
+        409: {"description": "a canary is running, or the version is live"},
+    },
+)
 async def start_canary(
     body: CanaryStart, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:

@@ -22,8 +22,6 @@ from core.models import AdapterStatus, AdapterVersion, Deployment, Feedback, Int
 CANDIDATE, CURRENT = "candidate", "current"
 """The arms of a canary, as ``interactions.canary_arm`` records them."""
 MIN_CANARY_FRACTION, MAX_CANARY_FRACTION = 0.05, 0.5
-_LATENCY_SAMPLE = 5000
-"""Newest answers per arm whose latencies give its p95."""
 
 
 async def get_version(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
@@ -209,28 +207,18 @@ async def _arm(session: AsyncSession, deployment: Deployment, arm: str) -> Arm:
     requests = int(
         await session.scalar(select(func.count()).select_from(Interaction).where(answers)) or 0
     )
-    latencies = sorted(
-        (
-            await session.scalars(
-                select(Interaction.latency_ms)
-                .where(answers)
-                .order_by(Interaction.id.desc())
-                .limit(_LATENCY_SAMPLE)
-            )
-        ).all()
-    )
-    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
     return Arm(
         up=sum(u for u, _ in counts),
         down=sum(d for _, d in counts),
         requests=requests,
-        p95_ms=p95,
         design_effect=design_effect(counts),
     )
 
 
 async def current_canary(session: AsyncSession, *, tenant_id: str) -> Canary | None:
-    """The running canary with its arms' thumbs, requests and latency, or None."""
+    """The running canary with its arms' thumbs and requests, or None. (The arms' p95 latency,
+    which the rule's health check reads, is for the workflow that runs the rule to gather: no
+    reader needs it yet, and a status page should not sort thousands of latencies.)"""
     deployment = await session.get(Deployment, tenant_id)
     if deployment is None or deployment.canary_version_id is None:
         return None

@@ -107,16 +107,22 @@ async def start_canary(
     return await _deployment(session, tenant_id)
 
 
+async def _conclude(
+    request: Request, session: SessionDep, tenant_id: str, *, promote: bool, reason: str
+) -> DeploymentOut:
+    janitor: AdapterJanitor = request.app.state.janitor
+    await janitor.conclude_canary(session, tenant_id=tenant_id, promote=promote, reason=reason)
+    return await _deployment(session, tenant_id)
+
+
 @router.post("/canary/promote", responses={409: {"description": "no canary is running"}})
 async def promote_canary(
     request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:
     """Promote the canary's candidate now: it answers ``default`` for everyone."""
-    janitor: AdapterJanitor = request.app.state.janitor
-    await janitor.conclude_canary(
-        session, tenant_id=tenant_id, promote=True, reason="canary promoted by an admin"
+    return await _conclude(
+        request, session, tenant_id, promote=True, reason="canary promoted by an admin"
     )
-    return await _deployment(session, tenant_id)
 
 
 @router.post("/canary/abort", responses={409: {"description": "no canary is running"}})
@@ -124,8 +130,6 @@ async def abort_canary(
     request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:
     """End the canary: everyone gets the live version again; the candidate is rejected."""
-    janitor: AdapterJanitor = request.app.state.janitor
-    await janitor.conclude_canary(
-        session, tenant_id=tenant_id, promote=False, reason="canary aborted by an admin"
+    return await _conclude(
+        request, session, tenant_id, promote=False, reason="canary aborted by an admin"
     )
-    return await _deployment(session, tenant_id)

@@ -49,12 +49,16 @@ class TrainingPolicy(BaseModel):
     learning_rate: float = Field(default=2e-4, gt=0, le=1e-2)
     """Step size of training. LoRA usually wants 1e-4 to 5e-4; too high and the adapter forgets
     how to answer (the capability guard then refuses it)."""
+    beta: float = Field(default=0.1, gt=0, le=10)
+    """How closely training holds the adapter to the base model: DPO's and KTO's beta (smaller
+    lets each thumb move the adapter further before its loss is satisfied), GRPO's KL penalty.
+    0.1 is TRL's default for DPO."""
     min_pref_improvement: float | None = Field(default=0.0, ge=-1, le=1)
     """Promote only if, on held-out feedback, the new adapter's score for telling liked from
     disliked answers beats the live version's by at least this, even at the low end of its
     95 % interval; or, when the thumbs judge's win rate already showed the new adapter better,
-    if that feedback does not contradict it (the high end reaches this). Empty: skip this
-    check."""
+    if that feedback does not contradict it (the high end reaches this), unless the adapter was
+    trained to please that judge (GRPO). Empty: skip this check."""
     min_win_rate: float | None = Field(default=0.5, ge=0, le=1)
     """Promote only if the tenant's thumbs judge prefers the new adapter's fresh answers to the
     live version's at least this often, at the low end of the 95 % interval (0.5: better than a

@@ -52,6 +52,7 @@ class RunOptions:
     epochs: float = 2.0
     rank: int = 16
     learning_rate: float = 2e-4
+    beta: float = 0.1
     batch_size: int = 4
     checkpoint_every: int = 5
     min_pref_improvement: float | None = 0.0

@@ -45,6 +45,7 @@ def test_every_shared_setting_reaches_the_run_unchanged() -> None:
         epochs=3.0,
         rank=8,
         learning_rate=3e-4,
+        beta=0.2,
         min_pref_improvement=0.02,
         min_win_rate=0.55,
         min_judge_auroc=0.7,

@@ -42,6 +42,7 @@ from trainer.generation import (
 )
 from trainer.judge import JUDGE_FILE, JudgeQuality, ThumbsJudge, fit_or_load
 from trainer.stats import Estimate, auroc, paired_difference, proportion
+from trainer.training import METRICS_FILE, TENANT_JUDGE_REWARD
 
 __all__ = [
     "EvalReport",
@@ -103,6 +104,10 @@ class EvalReport:
     judge: dict[str, Any] | None = None
     """The thumbs judge's quality (``JudgeQuality``): held-out AUROC, Brier score, trusted."""
     judge_trusted: bool = False
+    judge_was_reward: bool = False
+    """The candidate was trained to please this very judge (GRPO rewarded by it): its win rate
+    measures how well the candidate learned the judge, not the tenant, so it is not independent
+    evidence and the gate asks the held-out thumbs to show the lift on their own."""
     win_rate: float | None = None
     """Candidate wins / judged prompts (ties count half); ``None`` without a usable judge."""
     n_win_prompts: int = 0
@@ -476,6 +481,7 @@ def evaluate(
 
         timed("judge", learn)
     report.judge_trusted = score is not None
+    report.judge_was_reward = judge is None and _rewarded_by_tenant_judge(candidate)
     if win_rate and score is not None and len(prompts) >= MIN_WIN_PROMPTS:
         scorer = score
         timed(
@@ -531,6 +537,18 @@ def evaluate(
         report.regression_kl,
     )
     return report
+
+
+def _rewarded_by_tenant_judge(adapter: Path) -> bool:
+    """Whether training rewarded ``adapter`` with the tenant's thumbs judge (its metrics say;
+    a GRPO adapter from before they did was, since the platform's runs reward with nothing else)."""
+    try:
+        metrics = json.loads((adapter / METRICS_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    if metrics.get("method") != "grpo":
+        return False
+    return bool(metrics.get("reward", TENANT_JUDGE_REWARD) == TENANT_JUDGE_REWARD)
 
 
 def _drift(

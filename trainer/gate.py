@@ -3,7 +3,8 @@ no worse at answering. "Better" is read on the conservative side of a 95 % inter
 rate's lower bound, by a judge that earned the right to decide on thumbs it never saw, or the
 tenant metric's lower bound when no win rate is asked for; so a lift the data do not support (a
 coin-flip tenant, a handful of held-out thumbs) never passes. The held-out thumbs must then not
-contradict it. The damage checks (capability, drift) bound their measured value.
+contradict it, or, for a candidate trained against the judge itself (GRPO), show the lift.
+The damage checks (capability, drift) bound their measured value.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class GatePolicy:
     thumbs): the candidate's lower 95 % bound minus the current version's value must reach this;
     or, when the trusted judge's win rate showed the candidate better, its upper bound must (the
     held-out thumbs do not contradict the win rate: a few dozen of them cannot show a lift on
-    their own)."""
+    their own). The second way is closed to a candidate trained to please that judge (GRPO):
+    its win rate is not independent evidence."""
     min_win_rate: float | None = 0.5
     """The lower 95 % bound of the win rate against the current version, judged by the tenant's
     thumbs judge on held-out questions, must reach this (0.5: better than a tie, with
@@ -112,11 +114,21 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
             # (a few dozen on sparse logs: an interval ±0.2-0.3 wide, whose lower bound a
             # clearly better adapter did not clear in the bench) must not contradict it: their
             # interval must still reach the bound.
+            # Not when the candidate was trained to please that judge (GRPO): then the win rate
+            # says how well it learned the judge: the bench's prose adapter won 0.67 of it while
+            # its simulated users liked the answers no more (-7 points [-17, +4]).
             won = checks.get("win_rate", False)
-            consistent = won and high >= need
+            independent = not report.judge_was_reward
+            consistent = won and independent and high >= need
             checks["preference"] = shown or consistent
             if shown:
                 verdict = f"lower bound {low:+.3f} ≥ {need:+.3f} required"
+            elif won and not independent:
+                verdict = (
+                    f"lower bound {low:+.3f} < {need:+.3f} required: the win rate's judge is "
+                    "the one the candidate was trained to please, so the held-out thumbs must "
+                    "show the lift on their own"
+                )
             elif consistent:
                 verdict = (
                     f"not shown better here, lower bound {low:+.3f}, but consistent with the "

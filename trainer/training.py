@@ -65,6 +65,8 @@ MAX_LORA_RANK = 64
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.json"
+TENANT_JUDGE_REWARD = "tenant_judge"
+"""``metrics["reward"]`` of a GRPO adapter rewarded by the tenant's thumbs judge."""
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE)
 CHECKPOINT_METHOD = "method.txt"
 """In ``checkpoints/``: the method that wrote them (a retry resumes only the same method)."""
@@ -829,6 +831,15 @@ def train(
         judge_tokens = tenant_judge.tokens if tenant_judge is not None else 0
         metrics["tokens"] = int(trainer.state.num_input_tokens_seen) + judge_tokens
         metrics["judge_tokens"] = judge_tokens
+        # What the adapter was trained to please: the evaluation cannot count that judge's win
+        # rate as independent evidence (trainer.gate).
+        metrics["reward"] = (
+            "reward_fn"
+            if reward_fn is not None
+            else "reward_model"
+            if spec.reward_model is not None
+            else TENANT_JUDGE_REWARD
+        )
     if judge_quality is not None:
         metrics["judge"] = judge_quality.to_dict()
         metrics["judge_reused"] = judge_reused

@@ -76,6 +76,7 @@ def test_trained_candidate_beats_base_on_held_out_preferences(
     # The thumbs judge learned the constant good/bad answers and may decide.
     assert report.judge is not None and report.judge["auroc"]["value"] == 1.0
     assert report.judge_trusted and report.win_rate is not None
+    assert not report.judge_was_reward  # DPO learned from the thumbs, not from the judge
     assert report.n_win_prompts == len(compiled.grpo_holdout)
     assert report.wins + report.ties + report.losses == report.n_win_prompts
     assert report.interval("win_rate") is not None and len(report.samples) >= 3

@@ -51,6 +51,14 @@ def _report(
         ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12)}, {"min_win_rate": None}, False, "preference"),
         # ...but they do not contradict the trusted judge's win rate either
         ({"thumbs": ([0.6, 0.4] * 6, [0.5] * 12)}, {}, True, None),
+        # ...unless the candidate was trained to please that judge (GRPO): then they must show it
+        (
+            {"thumbs": ([0.6, 0.4] * 6, [0.5] * 12), "judge_was_reward": True},
+            {},
+            False,
+            "preference",
+        ),
+        ({"judge_was_reward": True}, {}, True, None),  # thumbs that show the lift suffice
         # held-out thumbs that rank the candidate's taste backwards contradict any win rate
         ({"thumbs": ([0.1] * 12, [0.9] * 12)}, {}, False, "preference"),
         # without the judge's win rate, a wide tenant metric decides nothing
@@ -97,6 +105,10 @@ def test_reasons_carry_the_numbers_a_person_needs() -> None:
     wide = gate(_report(thumbs=([0.6, 0.4] * 6, [0.5] * 12)), GatePolicy())
     assert "not shown better here, lower bound -0.2" in wide.reason
     assert "but consistent with the win rate: upper bound +0.2" in wide.reason
+    pleased = gate(
+        _report(thumbs=([0.6, 0.4] * 6, [0.5] * 12), judge_was_reward=True), GatePolicy()
+    )
+    assert "the one the candidate was trained to please" in pleased.reason
     backwards = gate(_report(thumbs=([0.1] * 12, [0.9] * 12)), GatePolicy())
     assert "contradicts the win rate" in backwards.reason
 

@@ -113,6 +113,8 @@ def test_grpo_is_rewarded_by_the_tenant_judge(
     )
     assert report.judge == result.metrics["judge"]
     assert (judge_file.read_bytes(), judge_file.stat().st_mtime_ns) == fitted
+    # Trained to please that judge: its win rate is not independent evidence for the gate.
+    assert result.metrics["reward"] == "tenant_judge" and report.judge_was_reward
     # Heartbeats while the judge reads the thumbs, then after every scored group.
     judged = len(tastes.kto_train) + len(tastes.kto_holdout)
     assert ("judge", judged, judged) in phases

@@ -140,6 +140,8 @@ def test_grpo_with_a_reward_function(
     # 2 steps x 1 prompt x 4 sampled answers, each scored by our function.
     assert len(calls) == 8
     assert "reward" in result.metrics["final"]
+    # Not the tenant's judge: its win rate stays independent evidence for the gate.
+    assert result.metrics["reward"] == "reward_fn"
 
 
 def test_reward_model_ranks_chosen_above_rejected(

@@ -101,6 +101,12 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+ANSWERED_BY = (
+    "the version that answered, whichever model was asked for: a version id, 'base' or "
+    "'base (fallback)'"
+)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
@@ -112,7 +118,7 @@ class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
-    model: str
+    model: str = Field(description=ANSWERED_BY)
     choices: list[ChatChoice]
     usage: Usage
     interaction_id: str = Field(description="rate this answer with POST /v1/feedback")
@@ -130,7 +136,7 @@ class Completion(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
-    model: str
+    model: str = Field(description=ANSWERED_BY)
     choices: list[CompletionChoice]
     usage: Usage
     interaction_id: str

@@ -152,9 +152,7 @@ async def _answer(
         if served.served_by == FALLBACK:
             resolved = Resolved(None, None, fallback=True, canary_arm=resolved.canary_arm)
         return _SlotStreamingResponse(
-            _stream(
-                request, endpoint, body.model, tenant_id, resolved, gen_request, ids[0], pieces
-            ),
+            _stream(request, endpoint, tenant_id, resolved, gen_request, ids[0], pieces),
             release=release,
             media_type="text/event-stream",
             headers={
@@ -205,7 +203,6 @@ class _SlotStreamingResponse(StreamingResponse):
 async def _stream(
     request: Request,
     endpoint: str,
-    model: str,
     tenant_id: str,
     resolved: Resolved,
     gen_request: GenerationRequest,
@@ -229,7 +226,7 @@ async def _stream(
             "id": interaction_id,
             "object": kind,
             "created": created,
-            "model": resolved.label if resolved.fallback else model,
+            "model": resolved.label,
             "choices": [choice],
             "interaction_id": interaction_id,
             "served_by": resolved.label,
@@ -294,8 +291,9 @@ def _common(
     return {
         "id": ids[0],
         "created": int(time.time()),
-        # A fallback says so where clients look first; otherwise the model that was asked for.
-        "model": resolved.label if resolved.fallback else body.model,
+        # The version that answered (as OpenAI names the snapshot behind an alias): during a
+        # canary, "default" is one of two versions, and a fallback says so where clients look.
+        "model": resolved.label,
         "interaction_id": ids[0],
         "served_by": resolved.label,
         "usage": usage_of(

@@ -30,7 +30,10 @@ async def _ask(c: AsyncOpenAI, user: str) -> tuple[str, str, str]:
         temperature=0,
         user=user,  # type: ignore[arg-type]
     )
-    answer = raw.parse().choices[0].message.content or ""
+    parsed = raw.parse()
+    # The SDK's own field names the version that answered, as the header does.
+    assert parsed.model == raw.headers["X-Served-By"]
+    answer = parsed.choices[0].message.content or ""
     return raw.headers["X-Served-By"], raw.headers["X-Interaction-Id"], answer
 
 

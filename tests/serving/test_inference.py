@@ -123,6 +123,7 @@ async def test_streaming_matches_the_whole_answer(
     )
     pieces, finish, interaction = [], None, None
     async for chunk in stream:
+        assert chunk.model == version  # "default" asked, the promoted version named
         interaction = chunk.model_extra["interaction_id"] if chunk.model_extra else None
         if chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)

@@ -167,7 +167,10 @@ def create_app(
     )
     app.state.limits = Limits.from_settings(settings)
     app.state.orchestrator = Orchestrator(
-        settings.temporal_address, base_model=settings.base_model, billing=app.state.billing
+        settings.temporal_address,
+        base_model=settings.base_model,
+        billing=app.state.billing,
+        canary_poll_s=settings.canary_poll_s,
     )
     install_error_handlers(app)
     # Before the dashboard router, whose catch-all would otherwise answer for these files.

@@ -43,6 +43,7 @@ from core.policy import TrainingPolicy, policy_of
 from workflows.contracts import (
     APPROVAL,
     APPROVE_SIGNAL,
+    CANARY,
     CPU_QUEUE,
     PERSONALIZE_WORKFLOW,
     REJECT_SIGNAL,
@@ -61,6 +62,13 @@ MAX_DECISION_REASON = 1000
 """Characters of an admin's reason for approving or rejecting a candidate."""
 
 
+def waiting_for(run: TrainingRun) -> str | None:
+    """What an active run waits on: ``approval`` (an admin), ``canary`` (its live canary's
+    users), or None."""
+    what = (run.progress or {}).get("waiting_for")
+    return what if run.status in ACTIVE and what in (APPROVAL, CANARY) else None
+
+
 def awaiting_approval(run: TrainingRun) -> bool:
     """The run's accepted candidate waits for an admin's approve or reject (and nobody has
     answered yet)."""
@@ -69,10 +77,16 @@ def awaiting_approval(run: TrainingRun) -> bool:
 
 class Orchestrator:
     def __init__(
-        self, address: str | None, *, base_model: str, billing: BillingConfig | None = None
+        self,
+        address: str | None,
+        *,
+        base_model: str,
+        billing: BillingConfig | None = None,
+        canary_poll_s: float = RunOptions.canary_poll_s,
     ) -> None:
         self.address = address
         self.base_model = base_model
+        self.canary_poll_s = canary_poll_s
         self.billing = billing or BillingConfig()
         self._client: Client | None = None
         self._lock = asyncio.Lock()
@@ -105,9 +119,8 @@ class Orchestrator:
             for f in fields(RunOptions)
             if f.name in TrainingPolicy.model_fields
         }
-        return RunOptions(
-            **{**shared, "base_model": self.base_model, "method": method or policy.method}
-        )
+        operator = {"base_model": self.base_model, "canary_poll_s": self.canary_poll_s}
+        return RunOptions(**{**shared, **operator, "method": method or policy.method})
 
     async def start_run(
         self,

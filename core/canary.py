@@ -29,6 +29,10 @@ from typing import Literal
 __all__ = ["Arm", "CanaryRule", "Verdict", "decide", "design_effect", "in_canary", "p_better"]
 
 
+MIN_CANARY_FRACTION, MAX_CANARY_FRACTION = 0.05, 0.5
+"""The share of end users a canary may send to its candidate."""
+
+
 @dataclass(frozen=True)
 class Arm:
     """What one version did during the canary."""

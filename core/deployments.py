@@ -9,19 +9,19 @@ resolving a request's ``model`` live with the serving tier (``serving/registry.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Integer, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.canary import Arm, design_effect, p_better
+from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION, Arm, design_effect, p_better
 from core.errors import Conflict, InvalidInput, NotFound
 from core.models import AdapterStatus, AdapterVersion, Deployment, Feedback, Interaction
 
 CANDIDATE, CURRENT = "candidate", "current"
 """The arms of a canary, as ``interactions.canary_arm`` records them."""
-MIN_CANARY_FRACTION, MAX_CANARY_FRACTION = 0.05, 0.5
 
 
 async def get_version(session: AsyncSession, *, tenant_id: str, version_id: str) -> AdapterVersion:
@@ -183,7 +183,13 @@ async def start_canary(
     return deployment
 
 
-async def _arm(session: AsyncSession, deployment: Deployment, arm: str) -> Arm:
+LATENCY_SAMPLE = 2000
+"""An arm's p95 latency is read from its latest answers, this many at most."""
+
+
+async def _arm(
+    session: AsyncSession, deployment: Deployment, arm: str, *, latency: bool = False
+) -> Arm:
     since = deployment.canary_started_at
     answers = (Interaction.tenant_id == deployment.tenant_id) & (Interaction.canary_arm == arm)
     if since is not None:
@@ -207,18 +213,33 @@ async def _arm(session: AsyncSession, deployment: Deployment, arm: str) -> Arm:
     requests = int(
         await session.scalar(select(func.count()).select_from(Interaction).where(answers)) or 0
     )
+    p95: float | None = None
+    if latency and requests:
+        recent = (
+            await session.scalars(
+                select(Interaction.latency_ms)
+                .where(answers)
+                .order_by(Interaction.created_at.desc())
+                .limit(LATENCY_SAMPLE)
+            )
+        ).all()
+        ordered = sorted(recent)
+        p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
     return Arm(
         up=sum(u for u, _ in counts),
         down=sum(d for _, d in counts),
         requests=requests,
+        p95_ms=p95,
         design_effect=design_effect(counts),
     )
 
 
-async def current_canary(session: AsyncSession, *, tenant_id: str) -> Canary | None:
-    """The running canary with its arms' thumbs and requests, or None. (The arms' p95 latency,
-    which the rule's health check reads, is for the workflow that runs the rule to gather: no
-    reader needs it yet, and a status page should not sort thousands of latencies.)"""
+async def current_canary(
+    session: AsyncSession, *, tenant_id: str, latency: bool = False
+) -> Canary | None:
+    """The running canary with its arms' thumbs and requests, or None. ``latency`` adds each
+    arm's p95 latency, which the rule's health check reads (the workflow running the rule asks
+    for it; a status page need not sort thousands of latencies)."""
     deployment = await session.get(Deployment, tenant_id)
     if deployment is None or deployment.canary_version_id is None:
         return None
@@ -228,8 +249,8 @@ async def current_canary(session: AsyncSession, *, tenant_id: str) -> Canary | N
         current_version_id=deployment.version_id,
         fraction=deployment.canary_fraction,
         started_at=deployment.canary_started_at,
-        current=await _arm(session, deployment, CURRENT),
-        candidate=await _arm(session, deployment, CANDIDATE),
+        current=await _arm(session, deployment, CURRENT, latency=latency),
+        candidate=await _arm(session, deployment, CANDIDATE, latency=latency),
     )
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION
+
 
 class TrainingPolicy(BaseModel):
     """How and when a tenant's adapter is retrained and promoted.
@@ -82,6 +84,20 @@ class TrainingPolicy(BaseModel):
     not promoted."""
     approval_timeout_hours: float = Field(default=24, gt=0, le=24 * 30)
     """How long a run waits for approval before it ends not promoted."""
+    rollout: Literal["immediate", "canary"] = "immediate"
+    """What becomes of an adapter the gate passed (and an admin approved, when asked).
+    immediate: it is promoted. canary: it first answers a share of your end users (by the
+    requests' user field) beside the live version, and is promoted when their thumbs show it
+    better, rolled back when they show it worse or its answers fail or slow down. The run stays
+    open meanwhile, so no other run starts."""
+    canary_fraction: float = Field(default=0.1, ge=MIN_CANARY_FRACTION, le=MAX_CANARY_FRACTION)
+    """Canary: the share of end users the new adapter answers."""
+    canary_min_thumbs: int = Field(default=30, ge=5, le=1_000_000)
+    """Canary: thumbs each side needs before the first look (later looks at 2, 4, 8... times
+    this); each look spends half of the error budget left, so the chance of promoting an
+    adapter that is not better stays under 5 % however many looks are taken."""
+    canary_max_hours: float = Field(default=72, gt=0, le=24 * 30)
+    """Canary: without a decision by then, the live version stays and the run says why."""
     fallback_to_base: bool = False
     """When the adapter cannot be served in time, answer from the base model (marked so)."""
     monthly_budget_usd: float | None = Field(default=None, ge=0, le=1_000_000_000)

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     )
     """Registry name or local Hugging Face directory of the shared base model."""
 
+    canary_poll_s: float = Field(
+        default=60.0,
+        ge=0.1,
+        validation_alias=AliasChoices("TUNELOOP_CANARY_POLL_S", "canary_poll_s"),
+    )
+    """How often a run's live canary looks at its arms' thumbs (seconds; rollout: canary)."""
+
     serving_backend: Literal["local", "vllm"] = Field(
         default="local",
         validation_alias=AliasChoices("TUNELOOP_SERVING_BACKEND", "serving_backend"),

@@ -24,7 +24,8 @@ import trainer
 from core import deployments
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig, check_training_allowed
-from core.errors import BillingSuspended, BudgetExceeded, TenantSuspended
+from core.canary import CanaryRule, Verdict, decide
+from core.errors import BillingSuspended, BudgetExceeded, Conflict, TenantSuspended
 from core.ids import new_id
 from core.models import (
     AdapterStatus,
@@ -41,6 +42,8 @@ from core.models import (
 from core.usage import TRAINING_TOKENS, record_usage
 from serving import registry
 from workflows.contracts import (
+    CanaryInput,
+    CanaryVerdict,
     CompileInput,
     CompileOutput,
     EvaluateInput,
@@ -75,6 +78,16 @@ BILLING_REFUSED = "BillingRefused"
 """The run may not start (runs a schedule fired): the operator suspended the tenant, its
 subscription lapsed, or the run would pass its budget. (The name predates suspension; recorded
 histories carry it.)"""
+CANARY_REFUSED = "CanaryRefused"
+"""The candidate cannot start its canary: another one (started by an admin) is running."""
+
+
+_CONCLUDED = {
+    "promote": "promoted by its canary",
+    "rollback": "rolled back by its canary",
+    "expire": "its canary expired",
+}
+"""A version's reason after its canary, by ``core.canary.Verdict.action``."""
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -420,6 +433,78 @@ class PersonalizationActivities:
             await deployments.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
 
     @activity.defn
+    async def start_canary(self, inp: CanaryInput) -> None:
+        """Let the candidate answer ``fraction`` of end users beside the live version
+        (idempotent: a retry finds its own canary running)."""
+        async with self.sessionmaker() as session:
+            running = await deployments.current_canary(session, tenant_id=inp.tenant_id)
+            if running is not None and running.version_id == inp.version_id:
+                return
+            try:
+                await deployments.start_canary(
+                    session,
+                    tenant_id=inp.tenant_id,
+                    version_id=inp.version_id,
+                    fraction=inp.fraction,
+                )
+            except Conflict as exc:  # another canary (started by hand): the run says so
+                raise ApplicationError(str(exc), type=CANARY_REFUSED, non_retryable=True) from exc
+
+    @activity.defn
+    async def look_at_canary(self, inp: CanaryInput) -> CanaryVerdict:
+        """Run the decision rule (``core.canary.decide``) on the arms' thumbs, failures and
+        latency, and carry out a decision: promote, or end the canary with the current version
+        staying (``inp.abort`` ends it whatever the thumbs say). A canary no longer running (an
+        admin promoted or aborted it, or this activity's earlier attempt did) is ``ended``."""
+        async with self.sessionmaker() as session:
+            canary = await deployments.current_canary(
+                session, tenant_id=inp.tenant_id, latency=True
+            )
+            if canary is None or canary.version_id != inp.version_id:
+                version = await deployments.get_version(
+                    session, tenant_id=inp.tenant_id, version_id=inp.version_id
+                )
+                promoted = version.status is AdapterStatus.promoted
+                return CanaryVerdict(
+                    "ended",
+                    version.reason or ("promoted" if promoted else "the canary was ended"),
+                    inp.looks_done,
+                    promoted=promoted,
+                )
+            progress = {
+                "canary": {
+                    arm: {"up": a.up, "down": a.down, "requests": a.requests, "p95_ms": a.p95_ms}
+                    for arm, a in (("current", canary.current), ("candidate", canary.candidate))
+                },
+                "p_better": canary.p_better,
+            }
+            if inp.abort is not None:
+                verdict = Verdict("rollback", inp.abort, canary.p_better, inp.looks_done)
+            else:
+                verdict = decide(
+                    canary.current,
+                    canary.candidate,
+                    CanaryRule(min_thumbs=inp.min_thumbs),
+                    looks_done=inp.looks_done,
+                    expired=inp.expired,
+                )
+            if verdict.action != "wait":
+                why = inp.abort or f"{_CONCLUDED[verdict.action]}: {verdict.reason}"
+                await deployments.conclude_canary(
+                    session,
+                    tenant_id=inp.tenant_id,
+                    promote=verdict.action == "promote",
+                    reason=why,
+                )
+            return CanaryVerdict(
+                verdict.action,
+                verdict.reason,
+                verdict.looks_done,
+                promoted=verdict.action == "promote",
+                progress=progress,
+            )
+
+    @activity.defn
     async def reject_version(self, inp: RejectInput) -> None:
         """An admin turned the candidate down: it is kept, ``rejected``, with their reason (a
         version promoted by hand meanwhile stays as it is)."""
@@ -461,6 +546,8 @@ class PersonalizationActivities:
             self.evaluate_adapter,
             self.register_adapter,
             self.promote_adapter,
+            self.start_canary,
+            self.look_at_canary,
             self.reject_version,
             self.record_training_usage,
             self.cleanup_run,

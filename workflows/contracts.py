@@ -23,6 +23,11 @@ APPROVAL = "approval"
 reject signal; ``progress["waiting_until"]`` is the deadline (ISO 8601), after which the run ends
 not promoted."""
 
+CANARY = "canary"
+"""``progress["waiting_for"]`` of a run whose promoted-by-the-gate candidate is in a live canary
+(``rollout: canary``); ``progress["waiting_until"]`` is when the canary expires and the current
+version stays."""
+
 
 def personalize_workflow_id(tenant_id: str) -> str:
     """One personalization run per tenant at a time: the id is the lock."""
@@ -63,6 +68,13 @@ class RunOptions:
     max_ppl_increase: float | None = 0.25
     require_approval: bool = False
     approval_timeout_hours: float = 24.0
+    rollout: str = "immediate"
+    canary_fraction: float = 0.1
+    canary_min_thumbs: int = 30
+    canary_max_hours: float = 72.0
+    canary_poll_s: float = 60.0
+    """How often a canary's thumbs are looked at (at least every canary_max_hours / 800, which
+    bounds the workflow's history)."""
     heartbeat_timeout_s: float = 120.0
     """A training step may take this long before a silent worker counts as lost."""
     eval_max_new_tokens: int = 96
@@ -230,6 +242,36 @@ class RejectInput:
     run_id: str
     version_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class CanaryInput:
+    """Start the canary of ``version_id`` (``fraction`` of end users), or look at it."""
+
+    tenant_id: str
+    run_id: str
+    version_id: str
+    fraction: float = 0.1
+    min_thumbs: int = 30
+    looks_done: int = 0
+    """The previous verdict's (``core.canary.decide``)."""
+    expired: bool = False
+    """The canary's time is up: without a decision now, the current version stays."""
+    abort: str | None = None
+    """End the canary now, the current version staying, for this reason (a cancelled run)."""
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    action: str
+    """wait | promote | rollback | expire (``core.canary.Verdict``), or ended: the canary was no
+    longer running (an admin promoted or aborted it; ``promoted`` says which)."""
+    reason: str
+    looks_done: int = 0
+    promoted: bool = False
+    """Whether the candidate is live now."""
+    progress: dict[str, Any] = field(default_factory=dict)
+    """Thumbs and requests per arm, and P(candidate better): the run's progress."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.activities import (
         BAD_TRAINING_INPUT,
         BILLING_REFUSED,
+        CANARY_REFUSED,
         NOT_ENOUGH_DATA,
         RUN_IN_PROGRESS,
         PersonalizationActivities,
@@ -30,11 +31,14 @@ with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
         APPROVAL,
         APPROVE_SIGNAL,
+        CANARY,
         CPU_QUEUE,
         GPU_QUEUE,
         PERSONALIZE_WORKFLOW,
         REJECT_SIGNAL,
         STATE_QUERY,
+        CanaryInput,
+        CanaryVerdict,
         CompileInput,
         Decision,
         EvaluateInput,
@@ -55,6 +59,7 @@ A = PersonalizationActivities
 JUDGMENT_GATE = "judgment-gate"
 """Patch id: runs from this version on are gated by the judge, capability and intervals."""
 QUICK = timedelta(minutes=2)
+MAX_CANARY_LOOKS = 800
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # A compile that keeps failing fails the same way on the next try (its input is the tenant's
 # data): a few attempts, then the run fails and says why, instead of retrying forever.
@@ -260,6 +265,10 @@ class PersonalizeTenant:
                 )
             approved = f" (approved by {self._state.approved_by})"
 
+        if o.rollout == CANARY:
+            return await self._canary(
+                inp, run_id, registered.version_id, o, f"{decision.reason}{approved}"
+            )
         self._state.stage = "promoting"
         await self._activity(A.promote_adapter, PromoteInput(tenant, run_id, registered.version_id))
         return await self._finish(
@@ -269,6 +278,100 @@ class PersonalizeTenant:
             f"promoted{approved}: {decision.reason}",
             version_id=registered.version_id,
             promoted=True,
+        )
+
+    async def _canary(
+        self, inp: PersonalizeInput, run_id: str, version_id: str, o: RunOptions, gated: str
+    ) -> PersonalizeResult:
+        """The candidate the gate passed answers a share of end users beside the live version
+        until their thumbs decide (``core.canary``), its time runs out, or an admin decides.
+        Timers and activities only: a worker or server restart resumes the wait."""
+        state, tenant = self._state, inp.tenant_id
+        assert state is not None
+        state.stage = "canary"
+        look = CanaryInput(
+            tenant,
+            run_id,
+            version_id,
+            fraction=o.canary_fraction,
+            min_thumbs=o.canary_min_thumbs,
+        )
+        try:
+            await self._activity(A.start_canary, look)
+        except ActivityError as err:
+            if _is(err, CANARY_REFUSED):
+                return await self._finish(
+                    inp, run_id, "succeeded", f"not promoted: {_cause(err)}", version_id=version_id
+                )
+            raise
+        until = workflow.now() + timedelta(hours=o.canary_max_hours)
+        # At most about 800 looks however long the canary runs (each adds about a dozen events):
+        # the history stays under Temporal's 10,240-event warning. 72 hours: every 5.4 minutes.
+        poll = max(o.canary_poll_s, o.canary_max_hours * 3600 / MAX_CANARY_LOOKS)
+        waiting: dict[str, Any] = {"waiting_for": CANARY, "waiting_until": until.isoformat()}
+        await self._update(
+            RunUpdate(
+                tenant,
+                run_id,
+                version_id=version_id,
+                message=(
+                    f"the gate passed ({gated}); canary: version {version_id} answers "
+                    f"{o.canary_fraction:.0%} of end users until {until:%Y-%m-%d %H:%M} UTC, "
+                    "promoted when their thumbs show it better, rolled back when they show it "
+                    "worse or its answers fail or slow down (GET /v1/deployment; POST "
+                    "/v1/deployment/canary/promote or /abort decides now)"
+                ),
+                data={**waiting, "version_id": version_id},
+                progress=waiting,
+            )
+        )
+        shown: dict[str, Any] = {}
+        try:
+            while True:
+                left = (until - workflow.now()).total_seconds()
+                if left > 0:
+                    await workflow.sleep(min(poll, left))
+                verdict: CanaryVerdict = await self._activity(
+                    A.look_at_canary, replace(look, expired=workflow.now() >= until)
+                )
+                if verdict.action != "wait":
+                    break
+                if verdict.progress != shown or verdict.looks_done != look.looks_done:
+                    shown = verdict.progress
+                    looked = verdict.looks_done != look.looks_done
+                    await self._update(
+                        RunUpdate(
+                            tenant,
+                            run_id,
+                            message=f"canary look {verdict.looks_done}: {verdict.reason}"
+                            if looked
+                            else "",
+                            progress=verdict.progress,
+                        )
+                    )
+                look = replace(look, looks_done=verdict.looks_done)
+        except (asyncio.CancelledError, CancelledError):
+            # The run's cancel ends the canary too: the live version goes on answering everyone.
+            await self._activity(A.look_at_canary, replace(look, abort="the run was cancelled"))
+            raise
+        if verdict.progress:
+            await self._update(RunUpdate(tenant, run_id, progress=verdict.progress))
+        if verdict.promoted:
+            return await self._finish(
+                inp,
+                run_id,
+                "succeeded",
+                f"promoted after a canary: {verdict.reason} (the gate: {gated})",
+                version_id=version_id,
+                promoted=True,
+            )
+        outcome = {"rollback": "rolled back", "expire": "expired"}.get(verdict.action, "ended")
+        return await self._finish(
+            inp,
+            run_id,
+            "succeeded",
+            f"not promoted: the canary {outcome}: {verdict.reason}",
+            version_id=version_id,
         )
 
     async def _await_approval(

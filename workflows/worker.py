@@ -79,6 +79,8 @@ def build_workers(
                     a.current_adapter,
                     a.register_adapter,
                     a.promote_adapter,
+                    a.start_canary,
+                    a.look_at_canary,
                     a.reject_version,
                     a.record_training_usage,
                     a.cleanup_run,

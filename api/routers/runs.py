@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import AdminKeyDep, AdminTenantDep, SessionDep
-from api.orchestration import ACTIVE, MAX_DECISION_REASON, Orchestrator, awaiting_approval
+from api.orchestration import ACTIVE, MAX_DECISION_REASON, Orchestrator, waiting_for
 from api.schemas import ListOf, RequestModel
 from core.billing import InferenceGate
 from core.errors import NotFound
@@ -40,10 +40,14 @@ class RunOut(BaseModel):
     waiting_for: str | None = Field(
         default=None,
         description="`approval`: the run's candidate (`adapter_version_id`) passed the gate and "
-        "waits for an admin: POST /v1/runs/{id}/approve or /v1/runs/{id}/reject",
+        "waits for an admin: POST /v1/runs/{id}/approve or /v1/runs/{id}/reject; `canary`: it "
+        "answers a share of end users beside the live version until their thumbs decide "
+        "(GET /v1/deployment)",
     )
     waiting_until: datetime | None = Field(
-        default=None, description="when an unanswered wait ends the run, not promoted"
+        default=None,
+        description="when an unanswered approval, or an undecided canary, ends the run not "
+        "promoted",
     )
     dataset_id: str | None
     adapter_version_id: str | None
@@ -54,7 +58,7 @@ class RunOut(BaseModel):
     @classmethod
     def of(cls, r: TrainingRun) -> RunOut:
         progress = r.progress or {}
-        waiting = awaiting_approval(r)
+        waiting = waiting_for(r)
         return cls(
             id=r.id,
             status=r.status.value,
@@ -62,7 +66,7 @@ class RunOut(BaseModel):
             trigger=r.trigger,
             reason=r.reason,
             progress=progress,
-            waiting_for=progress["waiting_for"] if waiting else None,
+            waiting_for=waiting,
             waiting_until=progress.get("waiting_until") if waiting else None,
             dataset_id=r.dataset_id,
             adapter_version_id=r.adapter_version_id,

@@ -44,8 +44,11 @@ async def worker(backend: Backend, temporal: WorkflowEnvironment) -> AsyncIterat
 async def loop_client(
     backend: Backend, temporal: WorkflowEnvironment, worker: None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An API client whose runs go to the test Temporal server and worker."""
-    settings = backend.settings.model_copy(update={"temporal_address": address(temporal)})
+    """An API client whose runs go to the test Temporal server and worker (a live canary looks
+    at its thumbs every half second)."""
+    settings = backend.settings.model_copy(
+        update={"temporal_address": address(temporal), "canary_poll_s": 0.5}
+    )
     app = create_app(settings, engine=backend.engine)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test", timeout=60

@@ -20,10 +20,12 @@ API_ONLY = {"auto_train_after", "schedule", "fallback_to_base", "monthly_budget_
 API_ONLY |= {"inference_over_budget"}
 """Settings the API acts on itself (triggers, serving, billing): never part of a run."""
 RUN_ONLY = {"base_model", "batch_size", "checkpoint_every", "heartbeat_timeout_s"}
-RUN_ONLY |= {"eval_max_new_tokens", "seed"}
+RUN_ONLY |= {"eval_max_new_tokens", "seed", "canary_poll_s"}
 """Run settings that are the operator's, not the tenant's."""
 EVALUATION = {"min_feedback", "min_judge_auroc", "require_approval", "approval_timeout_hours"}
 EVALUATION |= {"eval_max_new_tokens", "heartbeat_timeout_s"}
+EVALUATION |= {"rollout", "canary_fraction", "canary_min_thumbs", "canary_max_hours"}
+EVALUATION |= {"canary_poll_s"}
 """Run settings read by the workflow and its activities, not by the trainer or the gate."""
 
 
@@ -54,6 +56,10 @@ def test_every_shared_setting_reaches_the_run_unchanged() -> None:
         max_ppl_increase=0.2,
         require_approval=True,
         approval_timeout_hours=2,
+        rollout="canary",
+        canary_fraction=0.3,
+        canary_min_thumbs=12,
+        canary_max_hours=5,
     )
     defaults = TrainingPolicy()
     shared = POLICY & OPTIONS
@@ -72,7 +78,7 @@ def test_defaults_agree_along_the_path() -> None:
     for name in GATE:
         assert getattr(options, name) == getattr(gate, name), name
     spec_defaults = {f.name: f.default for f in fields(TrainSpec)}
-    trained = ("rank", "learning_rate", "epochs", "batch_size", "method", "seed")
+    trained = ("rank", "learning_rate", "beta", "epochs", "batch_size", "method", "seed")
     grpo = ("grpo_min_questions", "grpo_max_steps", "answer_check_weight", "min_judge_auroc")
     for name in (*trained, *grpo):
         assert getattr(options, name) == spec_defaults[name], name

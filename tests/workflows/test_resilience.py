@@ -4,6 +4,7 @@ module's own, so the session's in-process worker cannot pick the work up instead
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from core.ids import new_id
 from core.models import AdapterVersion, RunEvent, TrainingRun
 from tests.conftest import TUNELOOP, Backend, free_port, tuneloop_env
 from tests.workflows.conftest import setup_tenant
+from tests.workflows.test_canary_rollout import answer_users, rate
 from tests.workflows.test_judgment import logs
 from workflows.contracts import (
     CPU_QUEUE,
@@ -122,8 +124,6 @@ async def _start(stack: Stack, tenant_id: str) -> tuple[Client, str]:
 
 
 async def _wait_for_step(backend: Backend, run_id: str, step: int, timeout: float = 300) -> None:
-    import asyncio
-
     deadline = time.monotonic() + timeout
     while await _step(backend, run_id) < step:
         assert time.monotonic() < deadline, f"training did not reach step {step}"
@@ -252,3 +252,56 @@ async def test_run_survives_a_temporal_server_restart(
     result = await handle.result()
     assert result.status == "succeeded" and result.promoted, result
     assert await _versions(backend, t.id) == 1
+
+
+async def test_a_canary_survives_a_killed_worker_and_a_server_restart(
+    stack: Stack,
+    client,
+    make_tenant,
+    backend: Backend,  # type: ignore[no-untyped-def]
+) -> None:
+    t = await make_tenant()
+    await setup_tenant(client, t)
+    first = stack.start_worker()
+    tclient = await Client.connect(stack.address)
+    run_id = new_id("run")
+    canary = replace(
+        OPTIONS,
+        max_steps=4,
+        rollout="canary",
+        canary_fraction=0.5,
+        canary_min_thumbs=5,
+        canary_max_hours=0.2,
+        canary_poll_s=0.5,
+    )
+    await tclient.start_workflow(
+        PERSONALIZE_WORKFLOW,
+        PersonalizeInput(tenant_id=t.id, run_id=run_id, trigger="test", options=canary),
+        id=personalize_workflow_id(t.id),
+        task_queue=CPU_QUEUE,
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        async with create_sessionmaker(backend.engine)() as s:
+            run = await s.get(TrainingRun, run_id)
+            if run is not None and (run.progress or {}).get("waiting_for") == "canary":
+                version = run.adapter_version_id
+                break
+        assert time.monotonic() < deadline, "no canary after 300 s"
+        await asyncio.sleep(0.3)
+    # Mid-canary: the worker dies and the server restarts; a new worker picks the wait up.
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    stack.restart_server()
+    stack.start_worker()
+    # Meanwhile the API serves the split and takes the thumbs (it needs neither).
+    answered = await answer_users(client, t)
+    assert set(answered) == {version, "base"}, answered
+    await rate(client, t, answered[version], "up")
+    await rate(client, t, answered["base"], "down")
+    handle = (await Client.connect(stack.address)).get_workflow_handle(
+        personalize_workflow_id(t.id), result_type=PersonalizeResult
+    )
+    result = await asyncio.wait_for(handle.result(), timeout=240)
+    assert result.status == "succeeded" and result.promoted, result
+    assert result.reason is not None and result.reason.startswith("promoted after a canary: P(")

@@ -13,8 +13,8 @@ rolled back) with probability at most about a however long the canary runs; "abo
 posterior probability stands in for a one-sided p-value. ``tests/bench/canary.py`` measures it.
 
 Answers that fail or slow down roll the candidate back without waiting for thumbs: its error rate
-above the current version's by ``max_error_rate_increase``, or its p95 latency above
-``max_p95_ratio`` times the current version's, each once the candidate has served
+above the current version's by ``max_error_rate_increase``, or its p95 time per answer token
+above ``max_p95_ratio`` times the current version's, each once the candidate has served
 ``min_requests`` requests. Rolling back is the safe direction, so these are checked at every look.
 """
 
@@ -44,7 +44,8 @@ class Arm:
     errors: int = 0
     """Requests that failed."""
     p95_ms: float | None = None
-    """95th percentile latency of its answers."""
+    """95th percentile of its answers' latency per answer token (so longer answers are not
+    taken for slower serving)."""
     design_effect: float = 1.0
     """How much the thumbs' clustering by user inflates the variance of the up-rate
     (:func:`design_effect`); the posterior counts ``up`` and ``down`` divided by it."""
@@ -88,7 +89,8 @@ class CanaryRule:
     max_error_rate_increase: float = 0.02
     """Roll back when the candidate's share of failed requests exceeds the current's by this."""
     max_p95_ratio: float = 1.5
-    """Roll back when the candidate's p95 latency exceeds this multiple of the current's."""
+    """Roll back when the candidate's p95 time per answer token exceeds this multiple of the
+    current's."""
     min_requests: int = 50
     """Requests the candidate serves before its errors and latency are judged."""
 
@@ -173,8 +175,9 @@ def _health(current: Arm, candidate: Arm, rule: CanaryRule) -> str | None:
         ratio = candidate.p95_ms / current.p95_ms
         if ratio > rule.max_p95_ratio:
             return (
-                f"the candidate's p95 latency is {candidate.p95_ms:.0f} ms, {ratio:.2f}x the "
-                f"current version's {current.p95_ms:.0f} ms (limit {rule.max_p95_ratio:.2f}x)"
+                f"the candidate's p95 time per answer token is {candidate.p95_ms:.1f} ms, "
+                f"{ratio:.2f}x the current version's {current.p95_ms:.1f} ms "
+                f"(limit {rule.max_p95_ratio:.2f}x)"
             )
     return None
 

@@ -184,7 +184,7 @@ async def start_canary(
 
 
 LATENCY_SAMPLE = 2000
-"""An arm's p95 latency is read from its latest answers, this many at most."""
+"""An arm's p95 time per answer token is read from its latest answers, this many at most."""
 
 
 async def _arm(
@@ -216,14 +216,15 @@ async def _arm(
     p95: float | None = None
     if latency and requests:
         recent = (
-            await session.scalars(
-                select(Interaction.latency_ms)
+            await session.execute(
+                select(Interaction.latency_ms, Interaction.completion_tokens)
                 .where(answers)
                 .order_by(Interaction.created_at.desc())
                 .limit(LATENCY_SAMPLE)
             )
         ).all()
-        ordered = sorted(recent)
+        # Per answer token: a candidate whose users like longer answers is not a slow one.
+        ordered = sorted(ms / max(tokens, 1) for ms, tokens in recent)
         p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
     return Arm(
         up=sum(u for u, _ in counts),
@@ -238,8 +239,8 @@ async def current_canary(
     session: AsyncSession, *, tenant_id: str, latency: bool = False
 ) -> Canary | None:
     """The running canary with its arms' thumbs and requests, or None. ``latency`` adds each
-    arm's p95 latency, which the rule's health check reads (the workflow running the rule asks
-    for it; a status page need not sort thousands of latencies)."""
+    arm's p95 time per answer token, which the rule's health check reads (the workflow running
+    the rule asks for it; a status page need not sort thousands of latencies)."""
     deployment = await session.get(Deployment, tenant_id)
     if deployment is None or deployment.canary_version_id is None:
         return None
@@ -255,14 +256,26 @@ async def current_canary(
 
 
 async def conclude_canary(
-    session: AsyncSession, *, tenant_id: str, promote: bool, reason: str
+    session: AsyncSession,
+    *,
+    tenant_id: str,
+    promote: bool,
+    reason: str,
+    version_id: str | None = None,
 ) -> tuple[AdapterVersion, AdapterVersion | None]:
     """End the running canary (committed): promote its candidate, or reject it with ``reason``.
+    ``version_id``: only if the canary is that version's (what its caller looked at; an admin
+    may have ended it and started another since).
 
     Returns the candidate and, when it was promoted, the version it replaced (None: base)."""
     deployment = await session.get(Deployment, tenant_id, with_for_update=True)
     if deployment is None or deployment.canary_version_id is None:
         raise Conflict("no canary is running", code="no_canary")
+    if version_id is not None and deployment.canary_version_id != version_id:
+        raise Conflict(
+            f"the running canary is {deployment.canary_version_id}'s, not {version_id}'s",
+            code="no_canary",
+        )
     candidate_id = deployment.canary_version_id
     if promote:
         version, replaced = await promote_replacing(

@@ -34,7 +34,8 @@ class GatePolicy:
     min_win_rate: float | None = 0.5
     """The lower 95 % bound of the win rate against the current version, judged by the tenant's
     thumbs judge on held-out questions, must reach this (0.5: better than a tie, with
-    confidence). Fails when the judge did not earn the right to decide."""
+    confidence). Fails when the judge did not earn the right to decide, and for a candidate
+    trained to please that judge (GRPO) when the tenant metric is turned off."""
     max_capability_drop: float | None = 0.05
     """The capability suite's pass-rate drop (base minus candidate, same tasks, same decoding)
     must stay at or under this (0.05 = five points). Read at its point value: on ~80 tasks the
@@ -94,6 +95,14 @@ def gate(report: EvalReport, policy: GatePolicy) -> GateDecision:
                 f"{report.losses} lost; lower bound {_cmp(ok, '≥', '<')} "
                 f"{policy.min_win_rate:.3f})"
             )
+            if ok and report.judge_was_reward and policy.min_pref_improvement is None:
+                # Alone, the win rate of the judge the candidate was trained to please shows
+                # only that it learned the judge.
+                checks["win_rate"] = False
+                notes.append(
+                    "the candidate was trained to please this judge, and with the tenant metric "
+                    "turned off nothing independent of it shows the candidate better"
+                )
     if policy.min_pref_improvement is not None:
         if report.pref_improvement_low is None and report.pref_improvement is not None:
             # A report from before intervals (a run in flight across the upgrade): its point.

@@ -79,7 +79,8 @@ BILLING_REFUSED = "BillingRefused"
 subscription lapsed, or the run would pass its budget. (The name predates suspension; recorded
 histories carry it.)"""
 CANARY_REFUSED = "CanaryRefused"
-"""The candidate cannot start its canary: another one (started by an admin) is running."""
+"""The candidate cannot start its canary: another one (started by an admin) is running, or the
+candidate is already live (promoted by hand meanwhile)."""
 
 
 _CONCLUDED = {
@@ -88,6 +89,35 @@ _CONCLUDED = {
     "expire": "its canary expired",
 }
 """A version's reason after its canary, by ``core.canary.Verdict.action``."""
+
+
+async def _apply_update(session: AsyncSession, upd: RunUpdate) -> None:
+    """``upd`` applied to its run (uncommitted)."""
+    run = await session.get(TrainingRun, upd.run_id)
+    if run is None or run.tenant_id != upd.tenant_id:
+        raise ApplicationError(f"no run {upd.run_id}", non_retryable=True)
+    if upd.status is not None:
+        run.status = RunStatus(upd.status)
+        if run.status in (
+            RunStatus.succeeded,
+            RunStatus.failed,
+            RunStatus.cancelled,
+            RunStatus.skipped,
+        ):
+            run.finished_at = _now()
+    if upd.reason is not None:
+        run.reason = upd.reason
+    if upd.dataset_id is not None:
+        run.dataset_id = upd.dataset_id
+    if upd.version_id is not None:
+        run.adapter_version_id = upd.version_id
+    if upd.method is not None:
+        run.method = upd.method
+    if upd.progress is not None:
+        merged = {**(run.progress or {}), **upd.progress}
+        run.progress = {k: v for k, v in merged.items() if v is not None}
+    if upd.message:
+        session.add(_event(run, upd.level, "message", upd.message, upd.data))
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -178,31 +208,7 @@ class PersonalizationActivities:
     @activity.defn
     async def update_run(self, upd: RunUpdate) -> None:
         async with self.sessionmaker() as session:
-            run = await session.get(TrainingRun, upd.run_id)
-            if run is None or run.tenant_id != upd.tenant_id:
-                raise ApplicationError(f"no run {upd.run_id}", non_retryable=True)
-            if upd.status is not None:
-                run.status = RunStatus(upd.status)
-                if run.status in (
-                    RunStatus.succeeded,
-                    RunStatus.failed,
-                    RunStatus.cancelled,
-                    RunStatus.skipped,
-                ):
-                    run.finished_at = _now()
-            if upd.reason is not None:
-                run.reason = upd.reason
-            if upd.dataset_id is not None:
-                run.dataset_id = upd.dataset_id
-            if upd.version_id is not None:
-                run.adapter_version_id = upd.version_id
-            if upd.method is not None:
-                run.method = upd.method
-            if upd.progress is not None:
-                merged = {**(run.progress or {}), **upd.progress}
-                run.progress = {k: v for k, v in merged.items() if v is not None}
-            if upd.message:
-                session.add(_event(run, upd.level, "message", upd.message, upd.data))
+            await _apply_update(session, upd)
             await session.commit()
 
     async def _record_progress(self, tenant_id: str, run_id: str, p: trainer.TrainProgress) -> None:
@@ -452,29 +458,24 @@ class PersonalizationActivities:
 
     @activity.defn
     async def look_at_canary(self, inp: CanaryInput) -> CanaryVerdict:
-        """Run the decision rule (``core.canary.decide``) on the arms' thumbs, failures and
-        latency, and carry out a decision: promote, or end the canary with the current version
-        staying (``inp.abort`` ends it whatever the thumbs say). A canary no longer running (an
-        admin promoted or aborted it, or this activity's earlier attempt did) is ``ended``."""
+        """Run the decision rule (``core.canary.decide``) on the arms' thumbs and latency, and
+        carry out a decision: promote, or end the canary with the current version staying
+        (``inp.abort`` ends it whatever the thumbs say). The arms go into the run's progress
+        here, in the same transaction (not by another activity: a look's events are what bound
+        how long a canary's history may grow). A canary no longer running (an admin promoted or
+        aborted it, or promoted another version, or this activity's earlier attempt decided) is
+        ``ended``."""
         async with self.sessionmaker() as session:
             canary = await deployments.current_canary(
                 session, tenant_id=inp.tenant_id, latency=True
             )
             if canary is None or canary.version_id != inp.version_id:
-                version = await deployments.get_version(
-                    session, tenant_id=inp.tenant_id, version_id=inp.version_id
-                )
-                promoted = version.status is AdapterStatus.promoted
-                return CanaryVerdict(
-                    "ended",
-                    version.reason or ("promoted" if promoted else "the canary was ended"),
-                    inp.looks_done,
-                    promoted=promoted,
-                )
+                return await self._canary_ended(session, inp)
+            arms = (("current", canary.current), ("candidate", canary.candidate))
             progress = {
                 "canary": {
                     arm: {"up": a.up, "down": a.down, "requests": a.requests, "p95_ms": a.p95_ms}
-                    for arm, a in (("current", canary.current), ("candidate", canary.candidate))
+                    for arm, a in arms
                 },
                 "p_better": canary.p_better,
             }
@@ -488,21 +489,53 @@ class PersonalizationActivities:
                     looks_done=inp.looks_done,
                     expired=inp.expired,
                 )
-            if verdict.action != "wait":
-                why = inp.abort or f"{_CONCLUDED[verdict.action]}: {verdict.reason}"
-                await deployments.conclude_canary(
+            looked = verdict.action == "wait" and verdict.looks_done > inp.looks_done
+            await _apply_update(
+                session,
+                RunUpdate(
+                    inp.tenant_id,
+                    inp.run_id,
+                    message=f"canary look {verdict.looks_done}: {verdict.reason}" if looked else "",
+                    progress=progress,
+                ),
+            )
+            if verdict.action == "wait":
+                await session.commit()
+            else:
+                await deployments.conclude_canary(  # commits the progress too
                     session,
                     tenant_id=inp.tenant_id,
                     promote=verdict.action == "promote",
-                    reason=why,
+                    reason=inp.abort or f"{_CONCLUDED[verdict.action]}: {verdict.reason}",
+                    version_id=inp.version_id,
                 )
             return CanaryVerdict(
                 verdict.action,
                 verdict.reason,
                 verdict.looks_done,
                 promoted=verdict.action == "promote",
-                progress=progress,
             )
+
+    async def _canary_ended(self, session: AsyncSession, inp: CanaryInput) -> CanaryVerdict:
+        version = await deployments.get_version(
+            session, tenant_id=inp.tenant_id, version_id=inp.version_id
+        )
+        if version.status is AdapterStatus.promoted:
+            reason = version.reason or "promoted by hand"
+        elif version.status is AdapterStatus.candidate:
+            # Another version was promoted, or the live one rolled back, by hand: that ended
+            # the canary before its users decided, and the run does not promote this one (nor
+            # does a cancelled run whose canary never began).
+            version.status = AdapterStatus.rejected
+            version.reason = reason = inp.abort or (
+                "its canary ended when the live version was changed by hand, before its users' "
+                "thumbs decided"
+            )
+            await session.commit()
+        else:
+            reason = version.reason or "the canary was ended"
+        promoted = version.status is AdapterStatus.promoted
+        return CanaryVerdict("ended", reason, inp.looks_done, promoted=promoted)
 
     @activity.defn
     async def reject_version(self, inp: RejectInput) -> None:

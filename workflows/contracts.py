@@ -73,8 +73,8 @@ class RunOptions:
     canary_min_thumbs: int = 30
     canary_max_hours: float = 72.0
     canary_poll_s: float = 60.0
-    """How often a canary's thumbs are looked at (at least every canary_max_hours / 800, which
-    bounds the workflow's history)."""
+    """How often a canary's thumbs are looked at (but no more often than every canary_max_hours
+    / 800, which bounds the workflow's history)."""
     heartbeat_timeout_s: float = 120.0
     """A training step may take this long before a silent worker counts as lost."""
     eval_max_new_tokens: int = 96
@@ -270,8 +270,6 @@ class CanaryVerdict:
     looks_done: int = 0
     promoted: bool = False
     """Whether the candidate is live now."""
-    progress: dict[str, Any] = field(default_factory=dict)
-    """Thumbs and requests per arm, and P(candidate better): the run's progress."""
 
 
 @dataclass(frozen=True)

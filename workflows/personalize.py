@@ -16,6 +16,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from trainer.evaluation import EvalReport
@@ -60,6 +61,11 @@ JUDGMENT_GATE = "judgment-gate"
 """Patch id: runs from this version on are gated by the judge, capability and intervals."""
 QUICK = timedelta(minutes=2)
 MAX_CANARY_LOOKS = 800
+ROLLOUT_CANARY = "canary"
+"""``RunOptions.rollout`` that puts a candidate the gate passed in a live canary."""
+GRPO_JUDGE_GATE = "grpo-judge-gate"
+"""Patch id: runs from this version on hold a candidate trained to please the judge (GRPO) to
+the held-out thumbs (``EvalReport.judge_was_reward``)."""
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # A compile that keeps failing fails the same way on the next try (its input is the tenant's
 # data): a few attempts, then the run fails and says why, instead of retrying forever.
@@ -226,7 +232,12 @@ class PersonalizeTenant:
             # A run started before the judgment gate decides on the checks it had then: its
             # options carry no capability bound (the dataclass default would add one).
             policy = replace(policy, max_capability_drop=None)
-        decision = gate(EvalReport.from_dict(evaluated.report), policy)
+        report = EvalReport.from_dict(evaluated.report)
+        if not workflow.patched(GRPO_JUDGE_GATE):
+            # A run that was gated before the rule (replayed mid-approval, say) keeps its
+            # decision.
+            report.judge_was_reward = False
+        decision = gate(report, policy)
 
         self._state.stage = "registering"
         registered = await workflow.execute_activity_method(
@@ -265,7 +276,7 @@ class PersonalizeTenant:
                 )
             approved = f" (approved by {self._state.approved_by})"
 
-        if o.rollout == CANARY:
+        if o.rollout == ROLLOUT_CANARY:
             return await self._canary(
                 inp, run_id, registered.version_id, o, f"{decision.reason}{approved}"
             )
@@ -297,65 +308,18 @@ class PersonalizeTenant:
             min_thumbs=o.canary_min_thumbs,
         )
         try:
-            await self._activity(A.start_canary, look)
-        except ActivityError as err:
-            if _is(err, CANARY_REFUSED):
+            verdict = await self._watch_canary(look, o, gated)
+        except (asyncio.CancelledError, CancelledError, ActivityError) as err:
+            if isinstance(err, ActivityError) and _is(err, CANARY_REFUSED):
                 return await self._finish(
                     inp, run_id, "succeeded", f"not promoted: {_cause(err)}", version_id=version_id
                 )
+            cancelled = not isinstance(err, ActivityError) or isinstance(err.cause, CancelledError)
+            if cancelled:
+                # The run's cancel ends its canary too (if it began): the live version goes on
+                # answering everyone.
+                await self._activity(A.look_at_canary, replace(look, abort="the run was cancelled"))
             raise
-        until = workflow.now() + timedelta(hours=o.canary_max_hours)
-        # At most about 800 looks however long the canary runs (each adds about a dozen events):
-        # the history stays under Temporal's 10,240-event warning. 72 hours: every 5.4 minutes.
-        poll = max(o.canary_poll_s, o.canary_max_hours * 3600 / MAX_CANARY_LOOKS)
-        waiting: dict[str, Any] = {"waiting_for": CANARY, "waiting_until": until.isoformat()}
-        await self._update(
-            RunUpdate(
-                tenant,
-                run_id,
-                version_id=version_id,
-                message=(
-                    f"the gate passed ({gated}); canary: version {version_id} answers "
-                    f"{o.canary_fraction:.0%} of end users until {until:%Y-%m-%d %H:%M} UTC, "
-                    "promoted when their thumbs show it better, rolled back when they show it "
-                    "worse or its answers fail or slow down (GET /v1/deployment; POST "
-                    "/v1/deployment/canary/promote or /abort decides now)"
-                ),
-                data={**waiting, "version_id": version_id},
-                progress=waiting,
-            )
-        )
-        shown: dict[str, Any] = {}
-        try:
-            while True:
-                left = (until - workflow.now()).total_seconds()
-                if left > 0:
-                    await workflow.sleep(min(poll, left))
-                verdict: CanaryVerdict = await self._activity(
-                    A.look_at_canary, replace(look, expired=workflow.now() >= until)
-                )
-                if verdict.action != "wait":
-                    break
-                if verdict.progress != shown or verdict.looks_done != look.looks_done:
-                    shown = verdict.progress
-                    looked = verdict.looks_done != look.looks_done
-                    await self._update(
-                        RunUpdate(
-                            tenant,
-                            run_id,
-                            message=f"canary look {verdict.looks_done}: {verdict.reason}"
-                            if looked
-                            else "",
-                            progress=verdict.progress,
-                        )
-                    )
-                look = replace(look, looks_done=verdict.looks_done)
-        except (asyncio.CancelledError, CancelledError):
-            # The run's cancel ends the canary too: the live version goes on answering everyone.
-            await self._activity(A.look_at_canary, replace(look, abort="the run was cancelled"))
-            raise
-        if verdict.progress:
-            await self._update(RunUpdate(tenant, run_id, progress=verdict.progress))
         if verdict.promoted:
             return await self._finish(
                 inp,
@@ -373,6 +337,52 @@ class PersonalizeTenant:
             f"not promoted: the canary {outcome}: {verdict.reason}",
             version_id=version_id,
         )
+
+    async def _watch_canary(self, look: CanaryInput, o: RunOptions, gated: str) -> CanaryVerdict:
+        """Start the canary and look at it until it is decided (each look writes the arms into
+        the run's progress itself, so a look costs one timer and one activity)."""
+        await workflow.execute_activity_method(
+            A.start_canary,
+            look,
+            task_queue=CPU_QUEUE,
+            start_to_close_timeout=QUICK,
+            retry_policy=RETRY,
+            # A cancel waits for the start to finish, so the abort that follows finds the
+            # canary it must end instead of racing the start.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        until = workflow.now() + timedelta(hours=o.canary_max_hours)
+        # At most about 800 looks however long the canary runs (a look adds about a dozen
+        # events): the history stays under Temporal's 10,240-event warning. 72 hours: a look
+        # every 5.4 minutes.
+        poll = max(o.canary_poll_s, o.canary_max_hours * 3600 / MAX_CANARY_LOOKS)
+        waiting: dict[str, Any] = {"waiting_for": CANARY, "waiting_until": until.isoformat()}
+        await self._update(
+            RunUpdate(
+                look.tenant_id,
+                look.run_id,
+                version_id=look.version_id,
+                message=(
+                    f"the gate passed ({gated}); canary: version {look.version_id} answers "
+                    f"{o.canary_fraction:.0%} of end users until {until:%Y-%m-%d %H:%M} UTC, "
+                    "promoted when their thumbs show it better, rolled back when they show it "
+                    "worse or its answers slow down (GET /v1/deployment; POST "
+                    "/v1/deployment/canary/promote or /abort decides now)"
+                ),
+                data={**waiting, "version_id": look.version_id},
+                progress=waiting,
+            )
+        )
+        while True:
+            left = (until - workflow.now()).total_seconds()
+            if left > 0:
+                await workflow.sleep(min(poll, left))
+            verdict: CanaryVerdict = await self._activity(
+                A.look_at_canary, replace(look, expired=workflow.now() >= until)
+            )
+            if verdict.action != "wait":
+                return verdict
+            look = replace(look, looks_done=verdict.looks_done)
 
     async def _await_approval(
         self, tenant: str, run_id: str, version_id: str, o: RunOptions

@@ -283,9 +283,7 @@ def _prompt_chars(request: GenerationRequest) -> int:
     return sum(len(str(m.get("content") or "")) for m in request.messages)
 
 
-def _common(
-    body: ChatCompletionRequest | CompletionRequest, answer: tuple[Resolved, Generation, list[str]]
-) -> dict[str, Any]:
+def _common(answer: tuple[Resolved, Generation, list[str]]) -> dict[str, Any]:
     """The fields chat and text completions share."""
     resolved, generation, ids = answer
     return {
@@ -341,7 +339,7 @@ async def chat_completions(
         )
         for i, c in enumerate(generation.choices)
     ]
-    return ChatCompletion(**_common(body, out), choices=choices)
+    return ChatCompletion(**_common(out), choices=choices)
 
 
 @router.post(
@@ -376,7 +374,7 @@ async def completions(
         CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, interaction_id=ids[i])
         for i, c in enumerate(generation.choices)
     ]
-    return Completion(**_common(body, out), choices=choices)
+    return Completion(**_common(out), choices=choices)
 
 
 @router.get("/models")

@@ -59,6 +59,8 @@ def _report(
             "preference",
         ),
         ({"judge_was_reward": True}, {}, True, None),  # thumbs that show the lift suffice
+        # ...and its judge's win rate alone is no evidence
+        ({"judge_was_reward": True}, {"min_pref_improvement": None}, False, "win_rate"),
         # held-out thumbs that rank the candidate's taste backwards contradict any win rate
         ({"thumbs": ([0.1] * 12, [0.9] * 12)}, {}, False, "preference"),
         # without the judge's win rate, a wide tenant metric decides nothing

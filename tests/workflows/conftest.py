@@ -122,3 +122,18 @@ async def wait_for_run(
         if time.monotonic() > deadline:
             raise AssertionError(f"run {run_id} still {run['status']} after {timeout}s: {run}")
         await asyncio.sleep(0.5)
+
+
+async def wait_until_waiting(
+    client: httpx.AsyncClient, tenant: TenantKeys, run_id: str, what: str, *, timeout: float = 180
+) -> dict[str, Any]:
+    """The run once it waits for ``what`` (``approval`` or ``canary``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.get(f"/v1/runs/{run_id}", headers=tenant.auth("admin"))
+        run: dict[str, Any] = r.json()
+        if run["waiting_for"] == what:
+            return run
+        assert run["status"] in ("queued", "running"), f"ended without waiting for {what}: {run}"
+        assert time.monotonic() < deadline, f"not waiting for {what} after {timeout}s: {run}"
+        await asyncio.sleep(0.5)

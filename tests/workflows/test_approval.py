@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +19,7 @@ from core.db import create_sessionmaker
 from core.models import RunStatus, TrainingRun
 from tests.conftest import TUNELOOP, Backend, TenantKeys, dashboard_login, tuneloop_env
 from tests.dashboard.conftest import csrf_of
-from tests.workflows.conftest import address, setup_tenant, wait_for_run
+from tests.workflows.conftest import address, setup_tenant, wait_for_run, wait_until_waiting
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -32,14 +31,7 @@ async def waiting_run(client: httpx.AsyncClient, t: TenantKeys, *, timeout: floa
     await setup_tenant(client, t, require_approval=True)
     r = await client.post("/v1/runs", headers=t.auth("admin"))
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + timeout
-    while True:
-        run = (await client.get(f"/v1/runs/{r.json()['id']}", headers=t.auth("admin"))).json()
-        if run["waiting_for"] == "approval":
-            return run
-        assert run["status"] in ("queued", "running"), f"ended without waiting: {run}"
-        assert time.monotonic() < deadline, f"not waiting after {timeout}s: {run}"
-        await asyncio.sleep(0.5)
+    return await wait_until_waiting(client, t, r.json()["id"], "approval", timeout=timeout)
 
 
 async def versions(client: httpx.AsyncClient, t: TenantKeys) -> list[tuple[str, str, bool]]:

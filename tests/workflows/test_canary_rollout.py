@@ -4,15 +4,13 @@ running out, or the run's cancel, leaves the live version in place."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Backend, TenantKeys
-from tests.workflows.conftest import setup_tenant, wait_for_run
+from tests.workflows.conftest import setup_tenant, wait_for_run, wait_until_waiting
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -40,14 +38,7 @@ async def canary_run(
     )
     r = await client.post("/v1/runs", headers=t.auth("admin"))
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + timeout
-    while True:
-        run = (await client.get(f"/v1/runs/{r.json()['id']}", headers=t.auth("admin"))).json()
-        if run["waiting_for"] == "canary":
-            return dict(run)
-        assert run["status"] in ("queued", "running"), f"ended without a canary: {run}"
-        assert time.monotonic() < deadline, f"no canary after {timeout}s: {run}"
-        await asyncio.sleep(0.5)
+    return await wait_until_waiting(client, t, r.json()["id"], "canary", timeout=timeout)
 
 
 async def answer_users(client: httpx.AsyncClient, t: TenantKeys) -> dict[str, list[str]]:

@@ -111,12 +111,12 @@ async def _step(backend: Backend, run_id: str) -> int:
         return int((run.progress or {}).get("step", 0)) if run else 0
 
 
-async def _start(stack: Stack, tenant_id: str) -> tuple[Client, str]:
+async def _start(stack: Stack, tenant_id: str, options: RunOptions = OPTIONS) -> tuple[Client, str]:
     client = await Client.connect(stack.address)
     run_id = new_id("run")
     await client.start_workflow(
         PERSONALIZE_WORKFLOW,
-        PersonalizeInput(tenant_id=tenant_id, run_id=run_id, trigger="test", options=OPTIONS),
+        PersonalizeInput(tenant_id=tenant_id, run_id=run_id, trigger="test", options=options),
         id=personalize_workflow_id(tenant_id),
         task_queue=CPU_QUEUE,
     )
@@ -263,8 +263,6 @@ async def test_a_canary_survives_a_killed_worker_and_a_server_restart(
     t = await make_tenant()
     await setup_tenant(client, t)
     first = stack.start_worker()
-    tclient = await Client.connect(stack.address)
-    run_id = new_id("run")
     canary = replace(
         OPTIONS,
         max_steps=4,
@@ -274,12 +272,7 @@ async def test_a_canary_survives_a_killed_worker_and_a_server_restart(
         canary_max_hours=0.2,
         canary_poll_s=0.5,
     )
-    await tclient.start_workflow(
-        PERSONALIZE_WORKFLOW,
-        PersonalizeInput(tenant_id=t.id, run_id=run_id, trigger="test", options=canary),
-        id=personalize_workflow_id(t.id),
-        task_queue=CPU_QUEUE,
-    )
+    _, run_id = await _start(stack, t.id, canary)
     deadline = time.monotonic() + 300
     while True:
         async with create_sessionmaker(backend.engine)() as s:

@@ -72,7 +72,7 @@ def waiting_for(run: TrainingRun) -> str | None:
 def awaiting_approval(run: TrainingRun) -> bool:
     """The run's accepted candidate waits for an admin's approve or reject (and nobody has
     answered yet)."""
-    return run.status in ACTIVE and (run.progress or {}).get("waiting_for") == APPROVAL
+    return waiting_for(run) == APPROVAL
 
 
 class Orchestrator:

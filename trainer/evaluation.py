@@ -42,7 +42,7 @@ from trainer.generation import (
 )
 from trainer.judge import JUDGE_FILE, JudgeQuality, ThumbsJudge, fit_or_load
 from trainer.stats import Estimate, auroc, paired_difference, proportion
-from trainer.training import METRICS_FILE, TENANT_JUDGE_REWARD
+from trainer.training import adapter_metrics, rewarded_by_tenant_judge
 
 __all__ = [
     "EvalReport",
@@ -481,7 +481,9 @@ def evaluate(
 
         timed("judge", learn)
     report.judge_trusted = score is not None
-    report.judge_was_reward = judge is None and _rewarded_by_tenant_judge(candidate)
+    report.judge_was_reward = judge is None and rewarded_by_tenant_judge(
+        adapter_metrics(candidate) or {}
+    )
     if win_rate and score is not None and len(prompts) >= MIN_WIN_PROMPTS:
         scorer = score
         timed(
@@ -537,18 +539,6 @@ def evaluate(
         report.regression_kl,
     )
     return report
-
-
-def _rewarded_by_tenant_judge(adapter: Path) -> bool:
-    """Whether training rewarded ``adapter`` with the tenant's thumbs judge (its metrics say;
-    a GRPO adapter from before they did was, since the platform's runs reward with nothing else)."""
-    try:
-        metrics = json.loads((adapter / METRICS_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    if metrics.get("method") != "grpo":
-        return False
-    return bool(metrics.get("reward", TENANT_JUDGE_REWARD) == TENANT_JUDGE_REWARD)
 
 
 def _drift(

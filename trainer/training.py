@@ -596,16 +596,30 @@ def _last_checkpoint(checkpoints: Path) -> str | None:
     return get_last_checkpoint(str(checkpoints))
 
 
+def adapter_metrics(adapter_dir: Path) -> dict[str, Any] | None:
+    """An adapter's ``metrics.json`` (what trained it and how), or None when it has none."""
+    try:
+        metrics = json.loads((adapter_dir / METRICS_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def rewarded_by_tenant_judge(metrics: Mapping[str, Any]) -> bool:
+    """Whether an adapter with these metrics was trained to please the tenant's thumbs judge
+    (GRPO rewarded by it; a GRPO adapter from before metrics said was, since the platform's
+    runs reward with nothing else)."""
+    return metrics.get("method") == "grpo" and (
+        metrics.get("reward", TENANT_JUDGE_REWARD) == TENANT_JUDGE_REWARD
+    )
+
+
 def _finished_result(spec: TrainSpec, data: CompiledDataset) -> TrainResult | None:
     """The result of an earlier, completed run of this same spec and data, if there is one
     (whichever method it resolved to: a retry of an ``auto`` run that chose KTO is done)."""
     adapter_dir = spec.output_dir / "adapter"
-    metrics_path = adapter_dir / METRICS_FILE
-    if not metrics_path.is_file():
-        return None
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except ValueError:
+    metrics = adapter_metrics(adapter_dir)
+    if metrics is None:
         return None
     same = (
         metrics.get("data_content_hash") == data.card.content_hash

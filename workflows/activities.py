@@ -31,6 +31,7 @@ from core.models import (
     AdapterStatus,
     AdapterVersion,
     Dataset,
+    Deployment,
     Feedback,
     Interaction,
     RunEvent,
@@ -443,8 +444,8 @@ class PersonalizationActivities:
         """Let the candidate answer ``fraction`` of end users beside the live version
         (idempotent: a retry finds its own canary running)."""
         async with self.sessionmaker() as session:
-            running = await deployments.current_canary(session, tenant_id=inp.tenant_id)
-            if running is not None and running.version_id == inp.version_id:
+            deployment = await session.get(Deployment, inp.tenant_id)
+            if deployment is not None and deployment.canary_version_id == inp.version_id:
                 return
             try:
                 await deployments.start_canary(
@@ -520,7 +521,8 @@ class PersonalizationActivities:
         version = await deployments.get_version(
             session, tenant_id=inp.tenant_id, version_id=inp.version_id
         )
-        if version.status is AdapterStatus.promoted:
+        promoted = version.status is AdapterStatus.promoted
+        if promoted:
             reason = version.reason or "promoted by hand"
         elif version.status is AdapterStatus.candidate:
             # Another version was promoted, or the live one rolled back, by hand: that ended
@@ -534,7 +536,6 @@ class PersonalizationActivities:
             await session.commit()
         else:
             reason = version.reason or "the canary was ended"
-        promoted = version.status is AdapterStatus.promoted
         return CanaryVerdict("ended", reason, inp.looks_done, promoted=promoted)
 
     @activity.defn

@@ -10,6 +10,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from core import deployments
+from core.db import create_sessionmaker
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
 from tests.serving.test_inference import PROMPT, oai, register
@@ -94,6 +96,13 @@ async def test_a_canary_splits_users_counts_their_thumbs_and_is_promoted_or_abor
     assert arms["current"]["down"] == len(interactions[v1]) and arms["current"]["up"] == 0
     assert arms["candidate"]["requests"] == len(interactions[v2])
     assert canary["p_better"] > 0.99
+    # What the workflow's rule reads besides: each arm's p95 time per answer token, from the
+    # recorded answers (on both databases).
+    async with create_sessionmaker(backend.engine)() as s:
+        timed = await deployments.current_canary(s, tenant_id=a.id, latency=True)
+    assert timed is not None
+    for arm in (timed.current, timed.candidate):
+        assert arm.p95_ms is not None and 0 < arm.p95_ms < 60_000, arm
 
     # Another tenant sees its own deployment, not this canary.
     other = await make_tenant()

@@ -36,10 +36,9 @@ from core.feedback import FeedbackWriter
 from core.keys import PrincipalCache
 from core.settings import ApiSettings
 from core.stripe_billing import StripeBilling
-from serving.gateway import AdapterJanitor
-from serving.local import LocalBackend
+from serving.backends import build_backend
+from serving.gateway import AdapterPlacement
 from serving.types import ServingBackend
-from serving.vllm import VllmPoolBackend
 
 
 class BodyLimit:
@@ -111,17 +110,6 @@ class RefuseNul:
         await self.app(scope, receive, send)
 
 
-def build_backend(settings: ApiSettings) -> ServingBackend:
-    if settings.serving_backend == "local":
-        return LocalBackend(base_model=settings.base_model, data_dir=settings.data_dir)
-    if not settings.vllm_urls:
-        raise RuntimeError(
-            "TUNELOOP_SERVING_BACKEND=vllm needs TUNELOOP_VLLM_URLS: the comma-separated base "
-            "URLs of the vLLM replicas, e.g. http://10.0.0.5:8000,http://10.0.0.6:8000"
-        )
-    return VllmPoolBackend(settings.vllm_urls)
-
-
 def create_app(
     settings: ApiSettings,
     *,
@@ -138,7 +126,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await app.state.janitor.drain()
+        await app.state.placement.drain()
         if own_backend:
             await engine_backend.close()
         if app.state.stripe is not None:
@@ -158,8 +146,9 @@ def create_app(
     app.state.principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     app.state.backend = engine_backend
-    app.state.janitor = AdapterJanitor(engine_backend)  # unloads what promotions retired
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
+    # Preloads what promotions bring in and unloads what they retire.
+    app.state.placement = AdapterPlacement(engine_backend, app.state.store)
     app.state.billing = BillingConfig.from_settings(settings)
     app.state.stripe = StripeBilling.from_settings(settings)  # None without STRIPE_API_KEY
     app.state.inference_gate = InferenceGate(

@@ -1,6 +1,6 @@
 """The gateway's bookkeeping around an answer: every answer is an ``interactions`` row (so
-feedback knows exactly what it rates) and its tokens land in the usage ledger; and the adapters
-the registry retired are unloaded from the serving tier."""
+feedback knows exactly what it rates) and its tokens land in the usage ledger; and the serving
+tier follows the deployments: promoted versions are preloaded, retired ones unloaded."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import deployments
+from core.artifacts import ArtifactStore
 from core.ids import new_id
 from core.models import AdapterVersion, Deployment, Interaction
 from core.usage import INFERENCE_TOKENS, record_usage
 from serving.registry import Resolved
-from serving.types import Choice, GenerationRequest, ServingBackend
+from serving.types import AdapterRef, Choice, GenerationRequest, ServingBackend
 
-__all__ = ["AdapterJanitor", "new_interaction_ids", "record_answer"]
+__all__ = ["AdapterPlacement", "new_interaction_ids", "record_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +80,26 @@ async def record_answer(
     await session.commit()
 
 
-class AdapterJanitor:
-    """Unloads what the registry retired, so replicas do not fill up with dead adapters.
+class AdapterPlacement:
+    """Which adapters sit loaded on the serving tier: a promotion preloads the version it brings
+    in before ``default`` points at it (its first request does not pay the load), and what a
+    promotion or rollback retires is unloaded, so replicas do not fill up with dead adapters.
 
-    Promotion and rollback only flip the ``deployments`` pointer, and they also happen where no
-    serving backend exists (the Temporal worker's promote activity, another API process). So the
-    gateway watches what it serves: it remembers, per tenant, the serving name that ``default``
-    resolved to last, and when that changes it unloads the name left behind, in the background.
-    The first request for a tenant unloads the version its last promotion or rollback replaced
-    (which may have happened before this process started). Promotions and rollbacks made through
-    this process (``promote`` / ``rollback`` here) unload at once. Best effort: a failure is
-    logged and costs only cache space, and a retired version that is asked for by id afterwards
-    is simply loaded again.
+    Promotions made through an object of this class (the API, the dashboard, the Temporal
+    worker's activities) do both. Where a promotion had no serving backend to talk to (a worker
+    in another process than the local engine) the gateway notices on the next request: it
+    remembers, per tenant, the serving name that ``default`` resolved to last, and when that
+    changes it unloads the name left behind, in the background, and the request loads the new
+    one. The first request for a tenant unloads the version its last promotion or rollback
+    replaced (which may have happened before this process started). Best effort throughout: a
+    failed preload or unload is logged and costs only time or cache space, never the promotion.
+
+    ``backend`` None: only the pointers move (a worker with no serving tier it can reach).
     """
 
-    def __init__(self, backend: ServingBackend) -> None:
+    def __init__(self, backend: ServingBackend | None, store: ArtifactStore) -> None:
         self._backend = backend
+        self._store = store
         self._default: dict[str, str | None] = {}  # tenant -> serving name (None: base)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -115,10 +120,25 @@ class AdapterJanitor:
         if before is not None and before != serving_name:
             self.unload_soon(before)
 
+    async def preload(self, version: AdapterVersion) -> bool:
+        """Load ``version`` where it will be served; False (logged) when that failed."""
+        if self._backend is None:
+            return False
+        ref = AdapterRef(version.serving_name, self._store.path(version.uri))
+        try:
+            await self._backend.load(ref)
+        except Exception:  # the request path loads it again, or falls back, as its policy says
+            log.warning("could not preload adapter %s", version.serving_name, exc_info=True)
+            return False
+        return True
+
     async def promote(
         self, session: AsyncSession, *, tenant_id: str, version_id: str
     ) -> AdapterVersion:
-        """``deployments.promote``, then unload the version it replaced."""
+        """Preload the version, then ``deployments.promote``, then unload the one it replaced."""
+        await self.preload(
+            await deployments.get_version(session, tenant_id=tenant_id, version_id=version_id)
+        )
         version, replaced = await deployments.promote_replacing(
             session, tenant_id=tenant_id, version_id=version_id
         )
@@ -126,18 +146,39 @@ class AdapterJanitor:
         return version
 
     async def rollback(self, session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
-        """``deployments.rollback``, then unload the version rolled back."""
+        """``deployments.rollback`` at once (it is what an operator reaches for when the live
+        version misbehaves), then load the version now live and unload the one rolled back."""
         live, replaced = await deployments.rollback_replacing(session, tenant_id=tenant_id)
         self._moved(tenant_id, replaced, live)
+        if live is not None:
+            await self.preload(live)
         return live
 
+    async def start_canary(
+        self, session: AsyncSession, *, tenant_id: str, version_id: str, fraction: float
+    ) -> None:
+        """Preload the candidate, then ``deployments.start_canary``."""
+        await self.preload(
+            await deployments.get_version(session, tenant_id=tenant_id, version_id=version_id)
+        )
+        await deployments.start_canary(
+            session, tenant_id=tenant_id, version_id=version_id, fraction=fraction
+        )
+
     async def conclude_canary(
-        self, session: AsyncSession, *, tenant_id: str, promote: bool, reason: str
+        self,
+        session: AsyncSession,
+        *,
+        tenant_id: str,
+        promote: bool,
+        reason: str,
+        version_id: str | None = None,
     ) -> AdapterVersion:
         """``deployments.conclude_canary``, then unload what left: the version the candidate
-        replaced, or the rejected candidate."""
+        replaced, or the rejected candidate. (A promoted candidate is loaded already: it has
+        been answering its share.)"""
         candidate, replaced = await deployments.conclude_canary(
-            session, tenant_id=tenant_id, promote=promote, reason=reason
+            session, tenant_id=tenant_id, promote=promote, reason=reason, version_id=version_id
         )
         if promote:
             self._moved(tenant_id, replaced, candidate)
@@ -146,6 +187,8 @@ class AdapterJanitor:
         return candidate
 
     def unload_soon(self, serving_name: str) -> None:
+        if self._backend is None:
+            return
         task = asyncio.create_task(self._unload(serving_name))
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
@@ -164,6 +207,7 @@ class AdapterJanitor:
             self.unload_soon(replaced.serving_name)
 
     async def _unload(self, serving_name: str) -> None:
+        assert self._backend is not None  # unload_soon schedules nothing without one
         try:
             await self._backend.unload(serving_name)
         except Exception:  # logged, not raised: nobody waits for this, and a miss is harmless

@@ -83,6 +83,9 @@ class LocalBackend:
             yield piece
         yield await task  # raises what the generation raised
 
+    async def load(self, adapter: AdapterRef) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._preload, adapter)
+
     async def unload(self, serving_name: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._evict, serving_name)
 
@@ -159,6 +162,15 @@ class LocalBackend:
             self._tokenizer.padding_side = "left"
             log.info("serving base model %s", self.base_model)
 
+    def _preload(self, ref: AdapterRef) -> None:
+        self._ensure_loaded()
+        failure = self._use({ref}).get(ref.serving_name)
+        if failure is not None:
+            raise Unavailable(
+                f"the adapter {ref.serving_name} cannot be loaded: {str(failure)[:300]}",
+                code="adapter_unavailable",
+            ) from failure
+
     def _use(self, adapters: set[AdapterRef]) -> dict[str, Exception]:
         """Load the batch's adapters, evicting the least recently used ones it does not need.
         Returns the adapters that failed to load, with why; the others are ready."""
@@ -229,6 +241,10 @@ class LocalBackend:
         if serving_name in self._loaded:
             self._model.delete_adapter(serving_name)
             del self._loaded[serving_name]
+            if not self._loaded:
+                # A PeftModel without adapters cannot generate (its active adapter still names
+                # the deleted one): back to the bare base model, which the next adapter wraps.
+                self._model = self._model.unload()
             log.info("unloaded adapter %s", serving_name)
 
     def _prompt_text(self, request: GenerationRequest) -> str:

@@ -73,6 +73,12 @@ class ServingBackend(Protocol):
         Errors before ``Served`` (an adapter that cannot be served) are the request's errors."""
         ...
 
+    async def load(self, adapter: AdapterRef) -> None:
+        """Make ``adapter`` ready to answer before anyone asks for it: a promotion preloads the
+        new version, so its first request does not pay the load. Raises ``Unavailable``
+        (``adapter_unavailable``) when it cannot be loaded."""
+        ...
+
     async def unload(self, serving_name: str) -> None:
         """Forget a retired adapter (best effort); asking for it again loads it again."""
         ...

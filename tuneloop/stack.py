@@ -77,7 +77,10 @@ async def embedded_stack(
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
     api_task = asyncio.create_task(server.serve())
     stop_worker = asyncio.Event()
-    worker_task = asyncio.create_task(run_worker(settings, queue="all", stop=stop_worker))
+    # The worker shares the API's engine: a promotion preloads its version where it is served.
+    worker_task = asyncio.create_task(
+        run_worker(settings, queue="all", stop=stop_worker, serving=app.state.backend)
+    )
     try:
         while not server.started:
             if api_task.done():

@@ -42,6 +42,8 @@ from core.models import (
 )
 from core.usage import TRAINING_TOKENS, record_usage
 from serving import registry
+from serving.gateway import AdapterPlacement
+from serving.types import ServingBackend
 from workflows.contracts import (
     CanaryInput,
     CanaryVerdict,
@@ -134,13 +136,20 @@ class PersonalizationActivities:
         data_dir: Path,
         progress_every_s: float = 2.0,
         billing: BillingConfig | None = None,
+        serving: ServingBackend | None = None,
     ) -> None:
-        """Build inside the worker's event loop: training threads report progress through it."""
+        """Build inside the worker's event loop: training threads report progress through it.
+
+        ``serving``: the serving tier this worker can reach (the vLLM pool, or the API's local
+        engine when both run in one process), so that a promotion preloads its version and a
+        rejected canary is unloaded. Without one only the deployment pointers move, and the
+        gateway loads and unloads on the next request."""
         self.sessionmaker = sessionmaker
         self.billing = billing or BillingConfig()
         self.store = store
         self.data_dir = data_dir
         self.progress_every_s = progress_every_s
+        self.placement = AdapterPlacement(serving, store)
         self._loop = asyncio.get_running_loop()
 
     def run_dir(self, tenant_id: str, run_id: str) -> Path:
@@ -437,7 +446,9 @@ class PersonalizationActivities:
     @activity.defn
     async def promote_adapter(self, inp: PromoteInput) -> None:
         async with self.sessionmaker() as session:
-            await deployments.promote(session, tenant_id=inp.tenant_id, version_id=inp.version_id)
+            await self.placement.promote(
+                session, tenant_id=inp.tenant_id, version_id=inp.version_id
+            )
 
     @activity.defn
     async def start_canary(self, inp: CanaryInput) -> None:
@@ -448,7 +459,7 @@ class PersonalizationActivities:
             if deployment is not None and deployment.canary_version_id == inp.version_id:
                 return
             try:
-                await deployments.start_canary(
+                await self.placement.start_canary(
                     session,
                     tenant_id=inp.tenant_id,
                     version_id=inp.version_id,
@@ -503,7 +514,7 @@ class PersonalizationActivities:
             if verdict.action == "wait":
                 await session.commit()
             else:
-                await deployments.conclude_canary(  # commits the progress too
+                await self.placement.conclude_canary(  # commits the progress too
                     session,
                     tenant_id=inp.tenant_id,
                     promote=verdict.action == "promote",

@@ -18,6 +18,8 @@ from core.billing import BillingConfig
 from core.db import create_engine, create_sessionmaker
 from core.settings import Settings
 from core.stripe_billing import StripeBilling
+from serving.backends import build_backend
+from serving.types import ServingBackend
 from trainer.base_models import ML_IMPORT_LOCK
 from workflows.activities import PersonalizationActivities
 from workflows.billing import ReportUsage
@@ -105,9 +107,18 @@ def build_workers(
 
 
 async def run_worker(
-    settings: Settings, *, queue: str, stop: asyncio.Event, client: Client | None = None
+    settings: Settings,
+    *,
+    queue: str,
+    stop: asyncio.Event,
+    client: Client | None = None,
+    serving: ServingBackend | None = None,
 ) -> None:
-    """Run until ``stop`` is set, then shut down gracefully."""
+    """Run until ``stop`` is set, then shut down gracefully.
+
+    ``serving``: the serving tier promotions preload on. The embedded stack passes its API's
+    local engine; otherwise a worker on a vLLM pool reaches the replicas itself, and a worker in
+    another process than a local engine has none (the gateway loads on the next request)."""
     if client is None:
         if not settings.temporal_address:
             raise RuntimeError(
@@ -118,11 +129,15 @@ async def run_worker(
     await asyncio.to_thread(import_ml_stack)  # one thread, before any activity can start
     engine = create_engine(settings)
     sessionmaker = create_sessionmaker(engine)
+    own_serving = serving is None and settings.serving_backend == "vllm"
+    if own_serving:
+        serving = build_backend(settings)
     activities = PersonalizationActivities(
         sessionmaker=sessionmaker,
         store=ArtifactStore(settings.data_dir / "artifacts"),
         data_dir=settings.data_dir,
         billing=BillingConfig.from_settings(settings),
+        serving=serving,
     )
     stripe_billing = StripeBilling.from_settings(settings)
     billing = (
@@ -146,4 +161,6 @@ async def run_worker(
     finally:
         if stripe_billing is not None:
             await stripe_billing.close()
+        if own_serving and serving is not None:
+            await serving.close()
         await engine.dispose()

@@ -56,7 +56,7 @@ from core.models import (
     TrainingRun,
 )
 from core.policy import TrainingPolicy, policy_of
-from serving.gateway import AdapterJanitor
+from serving.gateway import AdapterPlacement
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ async def checked(request: Request, s: SessionUser) -> DashboardSession:
 CheckedUser = Annotated[DashboardSession, Depends(checked)]
 
 
-def janitor(request: Request) -> AdapterJanitor:
-    found: AdapterJanitor = request.app.state.janitor
+def placement(request: Request) -> AdapterPlacement:
+    found: AdapterPlacement = request.app.state.placement
     return found
 
 
@@ -572,8 +572,8 @@ async def adapter_list(
 async def adapter_rollback(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    # Through the janitor: the replaced version is unloaded from the serving tier at once.
-    await janitor(request).rollback(db, tenant_id=tenant_id)
+    # Through the placement: the version rolled back is unloaded from the serving tier at once.
+    await placement(request).rollback(db, tenant_id=tenant_id)
     return back_to("/dashboard/adapters", "rolled_back")
 
 
@@ -581,7 +581,7 @@ async def adapter_rollback(
 async def adapter_promote(
     version_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    await janitor(request).promote(db, tenant_id=tenant_id, version_id=version_id)
+    await placement(request).promote(db, tenant_id=tenant_id, version_id=version_id)
     return back_to("/dashboard/adapters", "promoted")
 
 

@@ -13,7 +13,7 @@ from api.schemas import ListOf
 from core import deployments
 from core.models import AdapterVersion
 from serving import registry
-from serving.gateway import AdapterJanitor
+from serving.gateway import AdapterPlacement
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -73,15 +73,15 @@ async def promote(
     version_id: str, request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> AdapterOut:
     """Serve this version as ``default`` from the next request on (no restart)."""
-    # Through the janitor: the version this replaces is unloaded from the serving tier too.
-    janitor: AdapterJanitor = request.app.state.janitor
-    version = await janitor.promote(session, tenant_id=tenant_id, version_id=version_id)
+    # Through the placement: preloaded first, and the version this replaces is unloaded.
+    placement: AdapterPlacement = request.app.state.placement
+    version = await placement.promote(session, tenant_id=tenant_id, version_id=version_id)
     return AdapterOut.of(version, version.id)
 
 
 @router.post("/rollback", responses={409: {"description": "nothing to roll back: base is served"}})
 async def rollback(request: Request, session: SessionDep, tenant_id: AdminTenantDep) -> RollbackOut:
     """Go back to the version promoted before the live one (or to the base model)."""
-    janitor: AdapterJanitor = request.app.state.janitor
-    live = await janitor.rollback(session, tenant_id=tenant_id)
+    placement: AdapterPlacement = request.app.state.placement
+    live = await placement.rollback(session, tenant_id=tenant_id)
     return RollbackOut(live=live.id if live is not None else registry.BASE)

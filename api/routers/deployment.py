@@ -14,7 +14,7 @@ from core import deployments
 from core.canary import Arm
 from core.deployments import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION, Canary
 from core.models import Deployment
-from serving.gateway import AdapterJanitor
+from serving.gateway import AdapterPlacement
 
 router = APIRouter(prefix="/v1/deployment", tags=["deployment"])
 
@@ -98,10 +98,12 @@ async def get_deployment(session: SessionDep, tenant_id: AdminTenantDep) -> Depl
     },
 )
 async def start_canary(
-    body: CanaryStart, session: SessionDep, tenant_id: AdminTenantDep
+    body: CanaryStart, request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:
-    """Let a version answer ``default`` for a share of end users, beside the live one."""
-    await deployments.start_canary(
+    """Let a version answer ``default`` for a share of end users, beside the live one (it is
+    loaded on the serving tier first)."""
+    placement: AdapterPlacement = request.app.state.placement
+    await placement.start_canary(
         session, tenant_id=tenant_id, version_id=body.version_id, fraction=body.fraction
     )
     return await _deployment(session, tenant_id)
@@ -110,8 +112,8 @@ async def start_canary(
 async def _conclude(
     request: Request, session: SessionDep, tenant_id: str, *, promote: bool, reason: str
 ) -> DeploymentOut:
-    janitor: AdapterJanitor = request.app.state.janitor
-    await janitor.conclude_canary(session, tenant_id=tenant_id, promote=promote, reason=reason)
+    placement: AdapterPlacement = request.app.state.placement
+    await placement.conclude_canary(session, tenant_id=tenant_id, promote=promote, reason=reason)
     return await _deployment(session, tenant_id)
 
 

@@ -30,7 +30,7 @@ from core import deployments
 from core.billing import InferenceGate
 from core.deployments import CANDIDATE
 from core.errors import InvalidInput
-from serving.gateway import AdapterJanitor, new_interaction_ids, record_answer
+from serving.gateway import AdapterPlacement, new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, resolve_model
 from serving.types import (
     FALLBACK,
@@ -122,8 +122,8 @@ async def _answer(
     if body.model == DEFAULT and resolved.canary_arm != CANDIDATE:
         # A promotion or rollback elsewhere shows here: unload the old one. (A canary's
         # candidate is not what default points to: it must not unload the live version.)
-        janitor: AdapterJanitor = request.app.state.janitor
-        await janitor.served_default(
+        placement: AdapterPlacement = request.app.state.placement
+        await placement.served_default(
             session,
             tenant_id=tenant_id,
             serving_name=resolved.adapter.serving_name if resolved.adapter else None,

@@ -17,13 +17,15 @@ from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from core.errors import Unavailable
-from core.models import Interaction
+from core.models import Interaction, RunStatus, TrainingRun
 from serving import registry
-from serving.gateway import AdapterJanitor
+from serving.gateway import AdapterPlacement
 from serving.local import LocalBackend
 from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest, Served
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
+from workflows.activities import PersonalizationActivities
+from workflows.contracts import CanaryInput, PromoteInput
 
 PROMPT = [{"role": "user", "content": "tell me about the weather"}]
 
@@ -142,6 +144,34 @@ async def test_a_misfit_first_adapter_leaves_the_base_model_intact(
         await engine.close()
 
 
+async def test_an_engine_whose_last_adapter_was_unloaded_serves_the_next_one(
+    backend: Backend, tenant: TenantKeys, fresh_adapters: Callable[[int], Path]
+) -> None:
+    """Unloading the only loaded adapter (a tenant's version retired on an engine that served
+    nothing else) leaves PEFT's active adapter naming it; the next adapter must still serve,
+    preloaded or asked for, and answer as it does on an engine that never saw the first."""
+    _, first = await register(backend, tenant.id, fresh_adapters(117))
+    _, second = await register(backend, tenant.id, fresh_adapters(118))
+    engine = LocalBackend(base_model="tiny-random", data_dir=backend.settings.data_dir)
+    fresh = LocalBackend(base_model="tiny-random", data_dir=backend.settings.data_dir)
+    try:
+        expected = await fresh.generate(chat(second))
+        base = await fresh.generate(chat(None))
+        for load_first in (False, True):
+            await engine.load(first)
+            await engine.generate(chat(first))
+            await engine.unload(first.serving_name)
+            await engine.unload(second.serving_name)
+            assert engine.loaded_adapters == []
+            assert await engine.generate(chat(None)) == base
+            if load_first:
+                await engine.load(second)
+            assert await engine.generate(chat(second)) == expected
+    finally:
+        await engine.close()
+        await fresh.close()
+
+
 async def test_a_broken_adapter_falls_back_only_where_the_tenant_policy_allows(
     client: httpx.AsyncClient,
     make_tenant: Callable[[], Awaitable[TenantKeys]],
@@ -201,7 +231,7 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
     fresh_adapters: Callable[[int], Path],
 ) -> None:
     engine = engine_of(client)
-    janitor = client._transport.app.state.janitor  # type: ignore[attr-defined]
+    placement = client._transport.app.state.placement  # type: ignore[attr-defined]
     (v1, a1), (v2, a2), (v3, a3) = [
         await register(backend, tenant.id, fresh_adapters(seed)) for seed in (106, 107, 108)
     ]
@@ -214,15 +244,17 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
         return str(r.json()["choices"][0]["message"]["content"])
 
     async def loaded() -> set[str]:
-        await janitor.drain()  # the unloads run in the background
+        await placement.drain()  # the unloads run in the background
         return set(engine.loaded_adapters) & {a1.serving_name, a2.serving_name, a3.serving_name}
 
+    # Promotion through the API loads the version before ``default`` points at it.
     await client.post(f"/v1/adapters/{v1}/promote", headers=admin)
+    assert await loaded() == {a1.serving_name}
     first = await ask()
     assert await loaded() == {a1.serving_name}
-    # Promotion through the API: the replaced version is unloaded at once.
+    # ... and unloads the version it replaced at once.
     assert (await client.post(f"/v1/adapters/{v2}/promote", headers=admin)).status_code == 200
-    assert await loaded() == set()
+    assert await loaded() == {a2.serving_name}
     second = await ask()
     assert await loaded() == {a2.serving_name}
     # Asked for by id, a retired version loads again (and answers as it did).
@@ -253,15 +285,19 @@ async def test_retired_versions_are_unloaded_and_load_again_on_request(
         body = {"model": "default", "messages": PROMPT, "max_tokens": 8, "temperature": 0}
         r = await other.post("/v1/chat/completions", headers=tenant.auth(), json=body)
         assert r.json()["choices"][0]["message"]["content"] == third
-        await restarted.state.janitor.drain()
+        await restarted.state.placement.drain()
     assert await loaded() == {a3.serving_name}
 
 
 class _RecordingEngine:
-    """Only what the janitor calls: which serving names it unloads."""
+    """Only what the placement calls: which serving names it loads and unloads."""
 
     def __init__(self) -> None:
+        self.loaded: list[str] = []
         self.unloaded: list[str] = []
+
+    async def load(self, adapter: AdapterRef) -> None:
+        self.loaded.append(adapter.serving_name)
 
     async def unload(self, serving_name: str) -> None:
         self.unloaded.append(serving_name)
@@ -273,14 +309,15 @@ async def test_a_promotion_racing_another_unloads_the_version_it_really_replaced
     fresh_adapters: Callable[[int], Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (v1, _), (v2, _), (v3, a3) = [
+    (v1, _), (v2, a2), (v3, a3) = [
         await register(backend, tenant.id, fresh_adapters(seed)) for seed in (111, 112, 113)
     ]
     sessionmaker = create_sessionmaker(backend.engine)
     async with sessionmaker() as s:
         await deployments.promote(s, tenant_id=tenant.id, version_id=v1)
     engine = _RecordingEngine()
-    janitor = AdapterJanitor(engine)  # type: ignore[arg-type]
+    store = ArtifactStore(backend.settings.data_dir / "artifacts")
+    placement = AdapterPlacement(engine, store)  # type: ignore[arg-type]
     real_get_version = deployments.get_version
     raced: list[bool] = []
 
@@ -293,7 +330,50 @@ async def test_a_promotion_racing_another_unloads_the_version_it_really_replaced
 
     monkeypatch.setattr(deployments, "get_version", get_version)
     async with sessionmaker() as s:
-        await janitor.promote(s, tenant_id=tenant.id, version_id=v2)
-    await janitor.drain()
+        await placement.promote(s, tenant_id=tenant.id, version_id=v2)
+    await placement.drain()
     assert raced
+    assert engine.loaded == [a2.serving_name]  # preloaded before the pointer moved
     assert engine.unloaded == [a3.serving_name]  # v2 replaced v3: v3 is not left loaded
+
+
+async def test_the_workers_promotions_move_adapters_on_the_serving_tier_it_was_given(
+    client: httpx.AsyncClient,
+    tenant: TenantKeys,
+    backend: Backend,
+    fresh_adapters: Callable[[int], Path],
+) -> None:
+    """The workflow's activities, given the serving engine (as the embedded stack gives its
+    worker the API's), preload what they promote or put in a canary, and unload what leaves."""
+    engine = engine_of(client)
+    (v1, a1), (v2, a2), (v3, a3) = [
+        await register(backend, tenant.id, fresh_adapters(seed)) for seed in (114, 115, 116)
+    ]
+    sessionmaker = create_sessionmaker(backend.engine)
+    async with sessionmaker() as s:
+        run = TrainingRun(tenant_id=tenant.id, status=RunStatus.running)
+        s.add(run)
+        await s.commit()
+        run_id = run.id
+    activities = PersonalizationActivities(
+        sessionmaker=sessionmaker,
+        store=ArtifactStore(backend.settings.data_dir / "artifacts"),
+        data_dir=backend.settings.data_dir,
+        serving=engine,
+    )
+    names = {a1.serving_name, a2.serving_name, a3.serving_name}
+
+    async def loaded() -> set[str]:
+        await activities.placement.drain()
+        return set(engine.loaded_adapters) & names
+
+    await activities.promote_adapter(PromoteInput(tenant.id, run_id, v1))
+    assert await loaded() == {a1.serving_name}
+    await activities.promote_adapter(PromoteInput(tenant.id, run_id, v2))
+    assert await loaded() == {a2.serving_name}
+    # A canary's candidate is loaded before it answers anyone; rolled back, it is unloaded.
+    await activities.start_canary(CanaryInput(tenant.id, run_id, v3))
+    assert await loaded() == {a2.serving_name, a3.serving_name}
+    verdict = await activities.look_at_canary(CanaryInput(tenant.id, run_id, v3, abort="test"))
+    assert verdict.action == "rollback"
+    assert await loaded() == {a2.serving_name}

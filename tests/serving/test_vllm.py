@@ -24,7 +24,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from api.app import build_backend, create_app
+from api.app import create_app
 from core import deployments
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
@@ -32,7 +32,8 @@ from core.errors import Unavailable
 from core.models import Interaction
 from core.settings import ApiSettings
 from serving import registry
-from serving.gateway import AdapterJanitor
+from serving.backends import build_backend
+from serving.gateway import AdapterPlacement
 from serving.types import FALLBACK, AdapterRef, Generation, GenerationRequest, Served
 from serving.vllm import HashRing, VllmPoolBackend
 from serving.vllm_resolver import adapter_dir
@@ -267,7 +268,7 @@ class Gateway:
     replicas: Pool
     backend: Backend
     store: ArtifactStore
-    janitor: AdapterJanitor
+    placement: AdapterPlacement
 
     def oai(self, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -312,7 +313,7 @@ async def gw(backend: Backend, vllm_pool: Pool) -> AsyncIterator[Gateway]:
     app = create_app(settings, engine=backend.engine, backend=pool)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://tuneloop.test") as http:
-        yield Gateway(http, pool, vllm_pool, backend, app.state.store, app.state.janitor)
+        yield Gateway(http, pool, vllm_pool, backend, app.state.store, app.state.placement)
     await pool.close()
 
 
@@ -544,15 +545,16 @@ async def test_retired_versions_leave_the_replicas(
     c = gw.oai(tenant.product)
 
     async def listed_anywhere() -> set[str]:
-        await gw.janitor.drain()  # the unloads run in the background
+        await gw.placement.drain()  # the unloads run in the background
         names = set().union(*[await listed(url) for url in gw.replicas.urls])
         return names & {name1, name2, name3}
 
-    await gw.promote(tenant, v1)
+    await gw.promote(tenant, v1)  # through the API: loaded before ``default`` points at it
+    assert await listed_anywhere() == {name1}
     first = await ask(c)
     assert await listed_anywhere() == {name1}
-    await gw.promote(tenant, v2)  # through the API: the replaced version is unloaded at once
-    assert await listed_anywhere() == set()
+    await gw.promote(tenant, v2)  # ... and the version it replaced is unloaded at once
+    assert await listed_anywhere() == {name2}
     await ask(c)
     assert await listed_anywhere() == {name2}
     # A promotion by the Temporal worker goes straight to the registry: the next request for

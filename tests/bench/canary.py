@@ -2,8 +2,11 @@
 its users like clearly more, keep one they like the same, and roll back one they like less, and
 after how many thumbs?
 
-This measures the rule on simulated live traffic, not the serving path (the canary split in
-``default`` resolution is not wired yet; when it is, this bench should drive it through HTTP):
+This measures the rule on simulated live traffic, not the serving path. The split itself (a
+stable arm per end user, each answer recorded with its arm, thumbs counted per arm) is tested
+through HTTP in ``tests/serving/test_canary.py`` and by the workflow in
+``tests/workflows/test_canary_rollout.py``; its cost per request is ``canary_resolve.py``. A
+bench that has the simulated users rate live model answers through the split is not built:
 
 - a tenant's end users (``--users``, 200) each have a leniency of their own (a logit offset,
   normal with sd ``--user-sd``, 1.0) and an activity of their own (log-normal): real thumbs come

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Integer, func, select
+from sqlalchemy import Integer, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION, Arm, design_effect, p_better
@@ -130,6 +130,7 @@ def _end_canary(deployment: Deployment) -> None:
     deployment.canary_version_id = None
     deployment.canary_fraction = 0.0
     deployment.canary_started_at = None
+    deployment.canary_current_errors = deployment.canary_candidate_errors = 0
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,26 @@ async def start_canary(
     deployment.canary_version_id = version.id
     deployment.canary_fraction = fraction
     deployment.canary_started_at = datetime.now(UTC)
+    deployment.canary_current_errors = deployment.canary_candidate_errors = 0
     await session.commit()
     return deployment
+
+
+async def record_canary_failure(
+    session: AsyncSession, *, tenant_id: str, canary_version_id: str, arm: str
+) -> None:
+    """A request the canary of ``canary_version_id`` sent to ``arm`` failed without an answer
+    (committed). One atomic increment, so concurrent failures all count; a canary that ended,
+    or was replaced, since the request was routed is not charged."""
+    errors = (
+        Deployment.canary_candidate_errors if arm == CANDIDATE else Deployment.canary_current_errors
+    )
+    await session.execute(
+        update(Deployment)
+        .where(Deployment.tenant_id == tenant_id, Deployment.canary_version_id == canary_version_id)
+        .values({errors: errors + 1})
+    )
+    await session.commit()
 
 
 LATENCY_SAMPLE = 2000
@@ -210,11 +229,23 @@ async def _arm(
         )
     ).all()
     counts = [(int(u or 0), int(d or 0)) for u, d in per_user]
-    requests = int(
-        await session.scalar(select(func.count()).select_from(Interaction).where(answers)) or 0
+    # An arm fails a request when no answer came (counted on the deployment row) or when the
+    # base model answered in its version's place (a fallback: an answer with no version).
+    answered, fallbacks = (
+        await session.execute(
+            select(
+                func.count(),
+                func.sum((Interaction.adapter_version_id.is_(None)).cast(Integer)),
+            ).where(answers)
+        )
+    ).one()
+    arm_version = deployment.canary_version_id if arm == CANDIDATE else deployment.version_id
+    failed = (
+        deployment.canary_candidate_errors if arm == CANDIDATE else deployment.canary_current_errors
     )
+    requests = int(answered or 0) + failed
     p95: float | None = None
-    if latency and requests:
+    if latency and answered:
         recent = (
             await session.execute(
                 select(Interaction.latency_ms, Interaction.completion_tokens)
@@ -230,6 +261,7 @@ async def _arm(
         up=sum(u for u, _ in counts),
         down=sum(d for _, d in counts),
         requests=requests,
+        errors=failed + (int(fallbacks or 0) if arm_version is not None else 0),
         p95_ms=p95,
         design_effect=design_effect(counts),
     )

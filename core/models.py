@@ -299,6 +299,10 @@ class Deployment(Base):
     canary_fraction: Mapped[float] = mapped_column(Float, default=0.0)
     canary_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Thumbs on answers from then on count for the canary's arms."""
+    canary_current_errors: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    canary_candidate_errors: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Requests the canary sent to each arm that failed without an answer (an answer is an
+    interaction; these leave none), for the canary's health check."""
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -36,6 +36,8 @@ class Resolved:
     """The adapter could not be served in time and the base model answered instead."""
     canary_arm: str | None = None
     """``candidate`` or ``current``: ``default`` answered while a canary runs."""
+    canary_version_id: str | None = None
+    """That canary's candidate: what identifies the canary a failure is charged to."""
 
     @property
     def label(self) -> str:
@@ -111,12 +113,14 @@ async def resolve_model(
     if model == BASE:
         return Resolved(None, None)
     arm: str | None = None
+    canary: str | None = None
     if model == DEFAULT:
         deployment = await session.get(Deployment, tenant_id)
         if deployment is None:
             return Resolved(None, None)
         version_id = deployment.version_id
         if deployment.canary_version_id is not None:
+            canary = deployment.canary_version_id
             key = user if user is not None else secrets.token_hex(8)
             on_candidate = in_canary(
                 key, deployment.canary_fraction, salt=deployment.canary_version_id
@@ -125,7 +129,7 @@ async def resolve_model(
             if on_candidate:
                 version_id = deployment.canary_version_id
         if version_id is None:
-            return Resolved(None, None, canary_arm=arm)
+            return Resolved(None, None, canary_arm=arm, canary_version_id=canary)
         version = await get_version(session, tenant_id=tenant_id, version_id=version_id)
     else:
         found = await session.scalar(
@@ -142,5 +146,8 @@ async def resolve_model(
             )
         version = found
     return Resolved(
-        version, AdapterRef(version.serving_name, store.path(version.uri)), canary_arm=arm
+        version,
+        AdapterRef(version.serving_name, store.path(version.uri)),
+        canary_arm=arm,
+        canary_version_id=canary,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -29,7 +30,7 @@ from api.schemas_inference import (
 from core import deployments
 from core.billing import InferenceGate
 from core.deployments import CANDIDATE
-from core.errors import InvalidInput
+from core.errors import DomainError, InvalidInput
 from serving.gateway import AdapterPlacement, new_interaction_ids, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, resolve_model
 from serving.types import (
@@ -146,11 +147,12 @@ async def _answer(
             served = await anext(pieces)
             if not isinstance(served, Served):
                 raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
-        except BaseException:
+        except BaseException as exc:
             release()
+            await _failed_on_canary(request, tenant_id, resolved, exc)
             raise
         if served.served_by == FALLBACK:
-            resolved = Resolved(None, None, fallback=True, canary_arm=resolved.canary_arm)
+            resolved = replace(resolved, version=None, adapter=None, fallback=True)
         return _SlotStreamingResponse(
             _stream(request, endpoint, tenant_id, resolved, gen_request, ids[0], pieces),
             release=release,
@@ -163,9 +165,13 @@ async def _answer(
         )
     async with limits.generation(tenant_id):
         await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
-        generation = await backend.generate(gen_request)
+        try:
+            generation = await backend.generate(gen_request)
+        except Exception as exc:
+            await _failed_on_canary(request, tenant_id, resolved, exc)
+            raise
     if generation.served_by == FALLBACK:  # say so, and record what really answered
-        resolved = Resolved(None, None, fallback=True, canary_arm=resolved.canary_arm)
+        resolved = replace(resolved, version=None, adapter=None, fallback=True)
     await record_answer(
         session,
         tenant_id=tenant_id,
@@ -180,6 +186,26 @@ async def _answer(
     response.headers["X-Interaction-Id"] = ",".join(ids)
     response.headers["X-Served-By"] = resolved.label
     return resolved, generation, ids
+
+
+async def _failed_on_canary(
+    request: Request, tenant_id: str, resolved: Resolved, exc: BaseException
+) -> None:
+    """A request the canary routed that got no answer counts against its arm (the canary's
+    health check compares the arms' error rates). A client's mistake (a 4xx: too long, over a
+    limit) is not the version's failure, nor is a client that left."""
+    if resolved.canary_arm is None or resolved.canary_version_id is None:
+        return
+    if not isinstance(exc, Exception) or (isinstance(exc, DomainError) and exc.status < 500):
+        return
+    with anyio.CancelScope(shield=True):
+        async with request.app.state.sessionmaker() as session:
+            await deployments.record_canary_failure(
+                session,
+                tenant_id=tenant_id,
+                canary_version_id=resolved.canary_version_id,
+                arm=resolved.canary_arm,
+            )
 
 
 class _SlotStreamingResponse(StreamingResponse):
@@ -248,8 +274,9 @@ async def _stream(
             else:
                 sent.append(piece)
                 yield sse(chunk(piece, None))
-    except Exception:
+    except Exception as exc:
         failed = True  # the engine failed: the answer is broken off, and nothing is billed
+        await _failed_on_canary(request, tenant_id, resolved, exc)
         raise
     finally:
         # Also when the client went away mid-answer (this generator is cancelled or closed):

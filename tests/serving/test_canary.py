@@ -11,9 +11,13 @@ import pytest
 from openai import AsyncOpenAI
 
 from core import deployments
+from core.canary import CanaryRule, decide
 from core.db import create_sessionmaker
+from serving.types import FALLBACK
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
+from tests.serving.test_fallback_and_unload import corrupt
+from tests.serving.test_fallback_and_unload import register as register_ref
 from tests.serving.test_inference import PROMPT, oai, register
 
 
@@ -138,3 +142,69 @@ async def test_a_canary_splits_users_counts_their_thumbs_and_is_promoted_or_abor
         assert r.status_code == 409 and r.json()["error"]["code"] == "no_canary"
     # Product keys cannot steer the deployment.
     assert (await client.get("/v1/deployment", headers=a.auth("product"))).status_code == 403
+
+
+async def test_requests_an_arm_fails_count_against_it_and_roll_the_candidate_back(
+    client: httpx.AsyncClient,
+    make_tenant,  # type: ignore[no-untyped-def]
+    backend: Backend,
+    canary_adapters: list[Path],
+    tmp_path: Path,
+) -> None:
+    """A candidate whose adapter cannot be served fails its arm's requests (503, streamed or
+    not) or, where the policy allows, has the base model answer in its place: both count as
+    that arm's errors, and the health check rolls it back without waiting for thumbs."""
+    a: TenantKeys = await make_tenant()
+    live = await register(backend, a.id, canary_adapters[0])
+    broken, ref = await register_ref(backend, a.id, make_adapter(
+        backend.settings.data_dir, tmp_path / "broken", seed=52))  # fmt: skip
+    corrupt(ref)
+    admin = a.auth("admin")
+    await client.post(f"/v1/adapters/{live}/promote", headers=admin)
+    r = await client.post(
+        "/v1/deployment/canary", headers=admin, json={"version_id": broken, "fraction": 0.5}
+    )
+    assert r.status_code == 200, r.text  # the failed preload is logged, not fatal
+
+    body = {"model": "default", "messages": PROMPT, "max_tokens": 4, "temperature": 0}
+    answered = failed = 0
+    for i in range(12):
+        for stream in (False, True):
+            r = await client.post(
+                "/v1/chat/completions",
+                headers=a.auth(),
+                json=body | {"user": f"user-{i}", "stream": stream},
+            )
+            if r.status_code == 200:
+                assert r.headers["x-served-by"] == live
+                answered += 1
+            else:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "adapter_unavailable"
+                failed += 1
+    assert answered and failed  # both arms were asked
+
+    sessionmaker = create_sessionmaker(backend.engine)
+    async with sessionmaker() as s:
+        canary = await deployments.current_canary(s, tenant_id=a.id, latency=True)
+    assert canary is not None
+    assert (canary.current.requests, canary.current.errors) == (answered, 0)
+    assert (canary.candidate.requests, canary.candidate.errors) == (failed, failed)
+
+    # Where the tenant allows it the base model answers instead: still the candidate's error.
+    r = await client.put("/v1/policy", headers=admin, json={"fallback_to_base": True})
+    assert r.status_code == 200
+    fell_back = 0
+    for i in range(12):
+        r = await client.post(
+            "/v1/chat/completions", headers=a.auth(), json=body | {"user": f"user-{i}"}
+        )
+        assert r.status_code == 200
+        fell_back += r.headers["x-served-by"] == FALLBACK
+    assert fell_back
+    async with sessionmaker() as s:
+        canary = await deployments.current_canary(s, tenant_id=a.id, latency=True)
+    assert canary is not None
+    assert canary.candidate.requests == canary.candidate.errors == failed + fell_back
+    verdict = decide(canary.current, canary.candidate, CanaryRule(min_requests=failed))
+    assert verdict.action == "rollback" and "failed" in verdict.reason

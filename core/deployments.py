@@ -287,6 +287,60 @@ async def current_canary(
     )
 
 
+async def p_better_over_time(
+    session: AsyncSession, *, tenant_id: str, points: int = 40
+) -> list[tuple[float, float]]:
+    """How P(candidate better) moved as the running canary's thumbs came in: (hours since it
+    began, P) after every thumb, thinned to about ``points`` evenly spaced ones (the last one
+    always kept). Each point is what ``Canary.p_better`` said then, users' clustering included.
+    Empty without a canary, or until both arms have thumbs."""
+    deployment = await session.get(Deployment, tenant_id)
+    if deployment is None or deployment.canary_started_at is None:
+        return []
+    started = deployment.canary_started_at
+    rows = (
+        await session.execute(
+            select(
+                Feedback.created_at,
+                Interaction.canary_arm,
+                func.coalesce(Feedback.user_id, Feedback.id),
+                Feedback.rating,
+            )
+            .join(Interaction, Interaction.id == Feedback.interaction_id)
+            .where(
+                Feedback.tenant_id == tenant_id,
+                Interaction.tenant_id == tenant_id,
+                Interaction.canary_arm.is_not(None),
+                Interaction.created_at >= started,
+            )
+            .order_by(Feedback.created_at, Feedback.id)
+        )
+    ).all()
+    last = len(rows) - 1
+    keep = {last} | {round(i * last / max(points - 1, 1)) for i in range(points)}
+    per_user: dict[str, dict[str, list[int]]] = {CURRENT: {}, CANDIDATE: {}}
+    series: list[tuple[float, float]] = []
+    for i, (at, arm, user, rating) in enumerate(rows):
+        arm_users = per_user[CANDIDATE if arm == CANDIDATE else CURRENT]
+        arm_users.setdefault(user, [0, 0])[0 if rating > 0 else 1] += 1
+        if i not in keep:
+            continue
+        cur, cand = (_arm_of(per_user[a]) for a in (CURRENT, CANDIDATE))
+        if cur.thumbs and cand.thumbs:
+            hours = (at - started).total_seconds() / 3600
+            series.append((max(hours, 0.0), p_better(cand, cur)))
+    return series
+
+
+def _arm_of(per_user: dict[str, list[int]]) -> Arm:
+    counts = [(u, d) for u, d in per_user.values()]
+    return Arm(
+        up=sum(u for u, _ in counts),
+        down=sum(d for _, d in counts),
+        design_effect=design_effect(counts),
+    )
+
+
 async def conclude_canary(
     session: AsyncSession,
     *,

@@ -44,6 +44,7 @@ from api.orchestration import ACTIVE, MAX_DECISION_REASON, awaiting_approval
 from api.routers import runs
 from api.routers.billing import billing_config
 from core import billing, deployments, keys, tenants
+from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION
 from core.errors import DomainError, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from core.feedback import feedback_stats, list_feedback
 from core.models import (
@@ -57,6 +58,7 @@ from core.models import (
 )
 from core.policy import TrainingPolicy, policy_of
 from serving.gateway import AdapterPlacement
+from trainer.stats import proportion
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ NOTICES = {
     "rejected": "Rejected: the candidate is kept as a rejected version with your reason.",
     "promoted": "Promoted: this version now answers the tenant's `default` model.",
     "rolled_back": "Rolled back to the previous version.",
+    "canary_started": "Canary started: the candidate answers its share of end users.",
+    "canary_promoted": "Canary promoted: the candidate now answers everyone.",
+    "canary_aborted": "Canary aborted: the live version answers everyone again.",
     "policy_saved": "Training policy saved.",
     "key_revoked": "Key revoked; it stops working at once.",
     "switched": "Switched tenant.",
@@ -564,8 +569,40 @@ async def adapter_list(
     versions = await deployments.list_versions(db, tenant_id=tenant_id)
     live_id = await deployments.live_version_id(db, tenant_id=tenant_id)
     return await render(
-        request, db, s, "adapters.html", versions=versions, live_id=live_id, rows=REPORT_ROWS
+        request,
+        db,
+        s,
+        "adapters.html",
+        versions=versions,
+        live_id=live_id,
+        rows=REPORT_ROWS,
+        canary=await _canary_panel(db, tenant_id),
+        fractions=(MIN_CANARY_FRACTION, MAX_CANARY_FRACTION),
     )
+
+
+async def _canary_panel(db: AsyncSession, tenant_id: str) -> dict[str, Any] | None:
+    """The running canary: its split, each arm's thumbs and up-rate with its 95 % interval (on
+    the thumbs worth of independent evidence, as the decision rule counts them), and how
+    P(candidate better) moved, as a chart."""
+    canary = await deployments.current_canary(db, tenant_id=tenant_id)
+    if canary is None:
+        return None
+    arms = {}
+    for name, arm in (("current", canary.current), ("candidate", canary.candidate)):
+        up, down = arm.effective()
+        arms[name] = {"arm": arm, "rate": proportion(up, up + down) if up + down else None}
+    history = await deployments.p_better_over_time(db, tenant_id=tenant_id)
+    minutes = not history or history[-1][0] < 2  # a young canary's axis in minutes
+    scale, unit = (60, "minutes") if minutes else (1, "hours")
+    chart = charts.line_chart(
+        "P(candidate better) as thumbs came in",
+        [charts.Series("P(candidate better)", [(h * scale, p * 100) for h, p in history])],
+        x_label=unit,
+        y_format=lambda v: f"{v:.0f}%",
+        y_range=(0, 100),
+    )
+    return {"canary": canary, "arms": arms, "chart": chart}
 
 
 @router.post("/adapters/rollback")
@@ -583,6 +620,43 @@ async def adapter_promote(
 ) -> Response:
     await placement(request).promote(db, tenant_id=tenant_id, version_id=version_id)
     return back_to("/dashboard/adapters", "promoted")
+
+
+@router.post("/deployment/canary")
+async def canary_start(
+    request: Request,
+    db: SessionDep,
+    s: CheckedUser,
+    tenant_id: TenantId,
+    version_id: Annotated[str, Form(min_length=1, max_length=40)],
+    percent: Annotated[
+        float, Form(ge=MIN_CANARY_FRACTION * 100, le=MAX_CANARY_FRACTION * 100)
+    ] = 10,
+) -> Response:
+    await placement(request).start_canary(
+        db, tenant_id=tenant_id, version_id=version_id, fraction=percent / 100
+    )
+    return back_to("/dashboard/adapters", "canary_started")
+
+
+@router.post("/deployment/canary/promote")
+async def canary_promote(
+    request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
+) -> Response:
+    await placement(request).conclude_canary(
+        db, tenant_id=tenant_id, promote=True, reason="canary promoted by an admin"
+    )
+    return back_to("/dashboard/adapters", "canary_promoted")
+
+
+@router.post("/deployment/canary/abort")
+async def canary_abort(
+    request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
+) -> Response:
+    await placement(request).conclude_canary(
+        db, tenant_id=tenant_id, promote=False, reason="canary aborted by an admin"
+    )
+    return back_to("/dashboard/adapters", "canary_aborted")
 
 
 # --- data --------------------------------------------------------------------------------------

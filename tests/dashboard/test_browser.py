@@ -21,7 +21,11 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
+from core.artifacts import ArtifactStore
+from core.db import create_sessionmaker
+from serving import registry
 from tests.conftest import Backend, TenantKeys, serve
+from tests.serving.adapters import make_adapter
 from tests.workflows.conftest import FAST_POLICY, address, setup_tenant
 
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
@@ -195,3 +199,80 @@ async def test_an_admin_runs_the_loop_from_the_browser(
     await shot(other, "not-found")
     await other.goto("/dashboard/adapters")
     assert live_name not in await other.content()
+
+
+async def test_an_admin_watches_a_canary_and_ends_it_from_the_browser(
+    sqlite_session: None,
+    live_url: str,
+    browser: Browser,
+    make_tenant: Any,
+    client: httpx.AsyncClient,
+    backend: Backend,
+    tmp_path: Path,
+) -> None:
+    a: TenantKeys = await make_tenant()
+    store = ArtifactStore(backend.settings.data_dir / "artifacts")
+    ids = []
+    async with create_sessionmaker(backend.engine)() as s:
+        for seed in (61, 62, 63):
+            adapter = make_adapter(backend.settings.data_dir, tmp_path / f"a{seed}", seed=seed)
+            version = await registry.register_adapter(
+                s, store, tenant_id=a.id, adapter_dir=adapter, base_model="tiny-random"
+            )
+            ids.append(version.id)
+    live, candidate, later = ids
+    page = await log_in(browser, live_url, a.admin)
+    await page.click("text=Adapters")
+    await page.click(f'button.promote[data-version="{live}"]')
+    await expect(page.locator(".notice")).to_contain_text("Promoted")
+    start = page.locator("form.canary-start", has=page.locator(f'[data-version="{candidate}"]'))
+    await start.locator("input[name=percent]").fill("50")
+    await start.locator("button").click()
+    await expect(page.locator(".notice")).to_contain_text("Canary started")
+    await expect(page.locator("#canary-split")).to_have_text("50%")
+
+    # End users ask for `default` and rate what they got; each stays on one arm.
+    rated = {live: 0, candidate: 0}
+    current_ups = 0
+    for i in range(24):
+        r = await client.post(
+            "/v1/chat/completions",
+            headers=a.auth(),
+            json={
+                "model": "default",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "user": f"user-{i}",
+            },
+        )
+        assert r.status_code == 200, r.text
+        served = r.headers["x-served-by"]
+        rated[served] += 1
+        up = "up" if served == candidate or i % 2 else "down"
+        current_ups += served == live and up == "up"
+        r = await client.post(
+            "/v1/feedback",
+            headers=a.auth(),
+            json={"interaction_id": r.json()["id"], "rating": up, "user_id": f"user-{i}"},
+        )
+        assert r.status_code in (200, 201, 202), r.text
+    assert rated[live] and rated[candidate]
+    await page.reload()
+    await expect(page.locator("#arm-candidate .up")).to_have_text(str(rated[candidate]))
+    await expect(page.locator("#arm-candidate .down")).to_have_text("0")
+    await expect(page.locator("#arm-current .up")).to_have_text(str(current_ups))
+    await expect(page.locator("#arm-current .down")).to_have_text(str(rated[live] - current_ups))
+    await expect(page.locator('polyline[data-series="P(candidate better)"]')).to_have_count(1)
+    await shot(page, "canary")
+
+    await page.click("#canary-abort")
+    await expect(page.locator(".notice")).to_contain_text("Canary aborted")
+    await expect(page.locator("#canary")).to_have_count(0)
+    await expect(page.locator("#live-version")).not_to_have_text("the base model")
+    start = page.locator("form.canary-start", has=page.locator(f'[data-version="{later}"]'))
+    await start.locator("button").click()
+    await expect(page.locator("#canary-split")).to_have_text("10%")
+    await page.click("#canary-promote")
+    await expect(page.locator(".notice")).to_contain_text("Canary promoted")
+    versions = (await client.get("/v1/adapters", headers=a.auth("admin"))).json()["data"]
+    assert [v["id"] for v in versions if v["live"]] == [later]

@@ -9,8 +9,18 @@ from typing import Any
 import httpx
 import pytest
 
+from core import deployments
 from core.db import create_sessionmaker
-from core.models import AdapterStatus, AdapterVersion, Dataset, RunEvent, RunStatus, TrainingRun
+from core.models import (
+    AdapterStatus,
+    AdapterVersion,
+    Dataset,
+    Feedback,
+    Interaction,
+    RunEvent,
+    RunStatus,
+    TrainingRun,
+)
 from tests.conftest import Backend, TenantKeys, dashboard_login
 from tests.dashboard.conftest import Session, csrf_of
 
@@ -304,6 +314,91 @@ async def test_promote_and_rollback(
     await form(c, "/dashboard/adapters", "/dashboard/adapters/rollback")
     r = await form(c, "/dashboard/adapters", "/dashboard/adapters/rollback")
     assert r.status_code == 409 and "nothing to roll back" in r.text and "<html" in r.text
+
+
+async def rate_canary_answers(
+    backend: Backend, tenant: TenantKeys, thumbs: dict[str, list[tuple[str, int]]]
+) -> None:
+    """Answers ``default`` gave on each canary arm and their thumbs ((user, rating) each),
+    straight into the DB (the seeded versions have no weights to serve)."""
+    async with create_sessionmaker(backend.engine)() as db:
+        for arm, rated in thumbs.items():
+            for user, rating in rated:
+                answer = Interaction(
+                    tenant_id=tenant.id,
+                    model="default",
+                    messages=[{"role": "user", "content": "hi"}],
+                    completion="hello",
+                    canary_arm=arm,
+                )
+                db.add(answer)
+                await db.flush()
+                db.add(
+                    Feedback(
+                        tenant_id=tenant.id, interaction_id=answer.id, rating=rating, user_id=user
+                    )
+                )
+        await db.commit()
+
+
+async def test_the_canary_panel_shows_the_arms_and_an_admin_ends_it(
+    login: Session, make_tenant: Any, backend: Backend, client: httpx.AsyncClient
+):
+    tenant, other = await make_tenant(), await make_tenant()
+    ids = await seed(backend, tenant, f"m{secrets.token_hex(4)}")
+    more = await seed(backend, tenant, f"m{secrets.token_hex(4)}")
+    foreign = await seed(backend, other, f"m{secrets.token_hex(4)}")
+    c = await login(tenant.admin)
+    await form(c, "/dashboard/adapters", f"/dashboard/adapters/{ids['v0']}/promote")
+    page = (await c.get("/dashboard/adapters")).text
+    assert 'id="canary"' not in page and page.count("Start a canary") == 3
+
+    start = "/dashboard/deployment/canary"
+    r = await form(c, "/dashboard/adapters", start, version_id=foreign["v0"], percent="50")
+    assert r.status_code == 404  # another tenant's version does not exist here
+    r = await form(c, "/dashboard/adapters", start, version_id=ids["v1"], percent="90")
+    assert r.status_code == 422  # above the largest share a canary may have
+    r = await form(c, "/dashboard/adapters", start, version_id=ids["v1"], percent="50")
+    assert r.status_code == 303 and r.headers["location"].endswith("notice=canary_started")
+    await rate_canary_answers(
+        backend,
+        tenant,
+        {
+            "current": [(f"u{i}", 1 if i % 2 else -1) for i in range(20)],
+            "candidate": [(f"w{i}", 1 if i % 5 else -1) for i in range(20)],
+        },
+    )
+    page = (await c.get("/dashboard/adapters")).text
+    assert 'id="canary"' in page and 'id="canary-split">50%' in page
+    assert "Start a canary" not in page  # one canary at a time
+    # 10 of 20 up against 16 of 20, each thumb from a user of its own.
+    assert '<td class="up">10</td><td class="down">10</td>' in page
+    assert '<td class="up">16</td><td class="down">4</td>' in page
+    # The interval counts thumbs worth of independent evidence: twenty one-thumb users of
+    # one arm are 20/19 as variable as twenty coin flips (the design effect), so n=19.
+    assert '79% <span class="ci">[57%, 91%] n=19' in page
+    async with create_sessionmaker(backend.engine)() as db:
+        canary = await deployments.current_canary(db, tenant_id=tenant.id)
+        history = await deployments.p_better_over_time(db, tenant_id=tenant.id)
+    assert canary is not None and canary.p_better is not None
+    assert f'id="canary-p-better">{canary.p_better * 100:.0f}%' in page
+    assert history[-1][1] == pytest.approx(canary.p_better) and len(history) >= 10
+    assert 'data-series="P(candidate better)"' in page
+
+    r = await form(c, "/dashboard/adapters", "/dashboard/deployment/canary/abort")
+    assert r.status_code == 303 and r.headers["location"].endswith("notice=canary_aborted")
+    versions = (await client.get("/v1/adapters", headers=tenant.auth("admin"))).json()["data"]
+    by_id = {v["id"]: v for v in versions}
+    assert by_id[ids["v0"]]["live"] and by_id[ids["v1"]]["status"] == "rejected"
+    assert 'id="canary"' not in (await c.get("/dashboard/adapters")).text
+
+    await form(c, "/dashboard/adapters", start, version_id=more["v0"], percent="20")
+    r = await form(c, "/dashboard/adapters", "/dashboard/deployment/canary/promote")
+    assert r.status_code == 303 and r.headers["location"].endswith("notice=canary_promoted")
+    versions = (await client.get("/v1/adapters", headers=tenant.auth("admin"))).json()["data"]
+    assert [v["id"] for v in versions if v["live"]] == [more["v0"]]
+    r = await form(c, "/dashboard/adapters", "/dashboard/deployment/canary/promote")
+    assert r.status_code == 409 and "no canary is running" in r.text
 
 
 async def test_a_tenant_never_sees_another_tenants_pages(

@@ -117,21 +117,34 @@ JSON_API_ATTACKS: list[Attack] = [
 # Dashboard pages and forms that name one object — a run, an adapter version, a key: B's dashboard
 # session (logged in with B's admin key, forms carrying B's CSRF token) against A's ids, refused
 # with the same "not found" page as for an id nobody has.
-DASHBOARD_ATTACKS: list[Attack] = [
-    Attack("GET", path, "admin", via="dashboard")
-    for path in ("/dashboard/runs/{run_id}", "/dashboard/runs/{run_id}/live")
-] + [
-    Attack("POST", path, "admin", via="dashboard")
-    for path in (
-        "/dashboard/runs/{run_id}/cancel",
-        "/dashboard/runs/{run_id}/approve",
-        "/dashboard/runs/{run_id}/reject",
-        "/dashboard/adapters/{version_id}/promote",
-        "/dashboard/adapters/{serving_name}/promote",
-        "/dashboard/settings/keys/{key_id}/revoke",
-        "/dashboard/settings/keys/{admin_key_id}/revoke",
-    )
-]
+DASHBOARD_ATTACKS: list[Attack] = (
+    [
+        Attack("GET", path, "admin", via="dashboard")
+        for path in ("/dashboard/runs/{run_id}", "/dashboard/runs/{run_id}/live")
+    ]
+    + [
+        Attack("POST", path, "admin", via="dashboard")
+        for path in (
+            "/dashboard/runs/{run_id}/cancel",
+            "/dashboard/runs/{run_id}/approve",
+            "/dashboard/runs/{run_id}/reject",
+            "/dashboard/adapters/{version_id}/promote",
+            "/dashboard/adapters/{serving_name}/promote",
+            "/dashboard/settings/keys/{key_id}/revoke",
+            "/dashboard/settings/keys/{admin_key_id}/revoke",
+        )
+    ]
+    + [
+        Attack(
+            "POST",
+            "/dashboard/deployment/canary",
+            "admin",
+            via="dashboard",
+            body={"version_id": "{version_id}", "percent": "20"},
+            label="dashboard canary of A's version",
+        )
+    ]
+)
 REFUSAL_LOGGERS = ("api.errors", "api.dashboard.pages")
 
 # Path parameters a tenant key can never use: platform routes answer 403 to any tenant key before
@@ -192,7 +205,8 @@ async def _send(
 ) -> tuple[str, httpx.Response]:
     path = _fill(attack.path, ids)
     if attack.via == "dashboard":
-        return path, await _send_from_dashboard(client, attack, attacker, path)
+        form = _fill(attack.body, ids) if attack.body is not None else {}
+        return path, await _send_from_dashboard(client, attack, attacker, path, form)
     assert attack.via == "bearer", f"teach _send to authenticate via {attack.via!r}"
     r = await client.request(
         attack.method,
@@ -204,7 +218,7 @@ async def _send(
 
 
 async def _send_from_dashboard(
-    client: httpx.AsyncClient, attack: Attack, attacker: TenantKeys, path: str
+    client: httpx.AsyncClient, attack: Attack, attacker: TenantKeys, path: str, form: Any
 ) -> httpx.Response:
     """A browser-like session of the attacker's own: its cookie, its CSRF token."""
     async with httpx.AsyncClient(transport=client._transport, base_url=client.base_url) as c:
@@ -213,7 +227,7 @@ async def _send_from_dashboard(
         home = await c.get("/dashboard")
         token = re.search(r'name="csrf_token" value="([^"]+)"', home.text)
         assert token, "no CSRF token on the dashboard"
-        data = {"csrf_token": token.group(1)} if attack.method == "POST" else None
+        data = {"csrf_token": token.group(1), **form} if attack.method == "POST" else None
         return await c.request(attack.method, path, data=data)
 
 

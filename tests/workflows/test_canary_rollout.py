@@ -4,12 +4,17 @@ running out, or the run's cancel, leaves the live version in place."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from core.artifacts import ArtifactStore
+from core.db import create_sessionmaker
+from serving import registry
 from tests.conftest import Backend, TenantKeys
+from tests.serving.adapters import make_adapter
 from tests.workflows.conftest import setup_tenant, wait_for_run, wait_until_waiting
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -128,6 +133,8 @@ async def test_a_canary_without_a_decision_expires_and_the_live_version_stays(
 async def test_an_admin_decides_during_the_canary_or_cancels_the_run(
     loop_client: httpx.AsyncClient,
     make_tenant,  # type: ignore[no-untyped-def]
+    backend: Backend,
+    tmp_path: Path,
 ) -> None:
     # Promoted by hand: the run ends promoted, saying who decided.
     t = await make_tenant()
@@ -150,3 +157,27 @@ async def test_an_admin_decides_during_the_canary_or_cancels_the_run(
     assert deployment["canary"] is None and deployment["current"]["version_id"] is None
     adapters = (await loop_client.get("/v1/adapters", headers=u.auth("admin"))).json()["data"]
     assert adapters[0]["status"] == "rejected" and adapters[0]["reason"] == "the run was cancelled"
+
+    # Another version promoted by hand ends the canary before its users decided: the run does
+    # not promote its candidate, which is rejected saying why, and the hand promotion stands.
+    w = await make_tenant()
+    run = await canary_run(loop_client, w)
+    store = ArtifactStore(backend.settings.data_dir / "artifacts")
+    async with create_sessionmaker(backend.engine)() as s:
+        other = await registry.register_adapter(
+            s,
+            store,
+            tenant_id=w.id,
+            adapter_dir=make_adapter(backend.settings.data_dir, tmp_path / "other", seed=71),
+            base_model="tiny-random",
+        )
+    r = await loop_client.post(f"/v1/adapters/{other.id}/promote", headers=w.auth("admin"))
+    assert r.status_code == 200, r.text
+    run = await wait_for_run(loop_client, w, run["id"], timeout=60)
+    assert run["status"] == "succeeded" and run["reason"].startswith("not promoted"), run
+    assert "changed by hand" in run["reason"], run
+    deployment = (await loop_client.get("/v1/deployment", headers=w.auth("admin"))).json()
+    assert deployment["canary"] is None and deployment["current"]["version_id"] == other.id
+    adapters = (await loop_client.get("/v1/adapters", headers=w.auth("admin"))).json()["data"]
+    candidate = next(a for a in adapters if a["id"] == run["adapter_version_id"])
+    assert candidate["status"] == "rejected" and "changed by hand" in candidate["reason"]

@@ -15,8 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 # Dependencies are all ``async def``: FastAPI runs plain ``def`` ones in a thread pool, which
 # costs more than the work they do.
+from api.orchestration import Orchestrator
 from api.rate_limits import Limits
 from core.artifacts import ArtifactStore
+from core.billing import BillingConfig
 from core.errors import PermissionDenied, Unauthenticated
 from core.feedback import FeedbackWriter
 from core.keys import Principal, PrincipalCache, authenticate
@@ -125,3 +127,14 @@ async def get_store(request: Request) -> ArtifactStore:
 
 BackendDep = Annotated[ServingBackend, Depends(get_backend)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def orchestrator(request: Request) -> Orchestrator:
+    """The process's Temporal-facing side (starts, signals and cancels runs)."""
+    orch: Orchestrator = request.app.state.orchestrator
+    return orch
+
+
+def billing_config(request: Request) -> BillingConfig:
+    config: BillingConfig = request.app.state.billing
+    return config

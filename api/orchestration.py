@@ -12,6 +12,7 @@ import time
 from dataclasses import fields
 from typing import Any
 
+from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio.client import (
@@ -29,7 +30,8 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.billing import BillingConfig, check_training_allowed
+from core import runs
+from core.billing import BillingConfig, InferenceGate
 from core.errors import (
     BillingSuspended,
     BudgetExceeded,
@@ -56,7 +58,6 @@ from workflows.contracts import (
 
 log = logging.getLogger(__name__)
 
-ACTIVE = (RunStatus.queued, RunStatus.running)
 AUTO_CHECK_EVERY_S = 5.0
 MAX_DECISION_REASON = 1000
 """Characters of an admin's reason for approving or rejecting a candidate."""
@@ -66,7 +67,7 @@ def waiting_for(run: TrainingRun) -> str | None:
     """What an active run waits on: ``approval`` (an admin), ``canary`` (its live canary's
     users), or None."""
     what = (run.progress or {}).get("waiting_for")
-    return what if run.status in ACTIVE and what in (APPROVAL, CANARY) else None
+    return what if run.status in runs.ACTIVE and what in (APPROVAL, CANARY) else None
 
 
 def awaiting_approval(run: TrainingRun) -> bool:
@@ -135,12 +136,12 @@ class Orchestrator:
         tenant = await session.get(Tenant, tenant_id)
         if tenant is None:
             raise NotFound(f"no tenant {tenant_id!r}")
-        running = await self._active_run(session, tenant_id)
+        running = await runs.active_run(session, tenant_id=tenant_id)
         if running is not None:  # e.g. a scheduled run, whose workflow id differs
             return running, False
-        # Before any row or workflow exists: a lapsed subscription or a run over the tenant's
-        # budget is refused here with 402 (manual and auto-start alike).
-        await check_training_allowed(session, tenant_id=tenant_id, config=self.billing)
+        # Before any row or workflow exists: a suspended tenant (403), a lapsed subscription or
+        # a run over the tenant's budget (402) is refused here, manual and auto-start alike.
+        await runs.check_may_train(session, tenant_id=tenant_id, billing=self.billing)
         client = await self.client()
         opts = options or self.options(policy_of(tenant.policy), method)
         workflow_id = personalize_workflow_id(tenant_id)
@@ -161,7 +162,7 @@ class Orchestrator:
         except WorkflowAlreadyStartedError:
             await session.delete(run)
             await session.commit()
-            running = await self._active_run(session, tenant_id)
+            running = await runs.active_run(session, tenant_id=tenant_id)
             if running is None:
                 raise Unavailable("a run for this tenant is starting; retry in a moment") from None
             return running, False
@@ -170,16 +171,6 @@ class Orchestrator:
             await session.commit()
             raise Unavailable(f"Temporal refused the run: {exc.message}") from exc
         return run, True
-
-    @staticmethod
-    async def _active_run(session: AsyncSession, tenant_id: str) -> TrainingRun | None:
-        run: TrainingRun | None = await session.scalar(
-            select(TrainingRun)
-            .where(TrainingRun.tenant_id == tenant_id, TrainingRun.status.in_(ACTIVE))
-            .order_by(TrainingRun.id.desc())
-            .limit(1)
-        )
-        return run
 
     async def sync_schedule(self, tenant_id: str, policy: TrainingPolicy) -> None:
         """Create, update or delete the tenant's Temporal Schedule to match ``policy.schedule``."""
@@ -307,7 +298,7 @@ class Orchestrator:
             progress = run.progress or {}
             state = (
                 f"it was already {progress['decision']} by {progress.get('decided_by')}"
-                if progress.get("decision") and run.status in ACTIVE
+                if progress.get("decision") and run.status in runs.ACTIVE
                 else f"it is {run.status.value}"
             )
             raise Conflict(
@@ -335,3 +326,20 @@ class Orchestrator:
             "decided_by": by,
         }
         await session.commit()
+
+
+async def save_policy(
+    request: Request, session: AsyncSession, *, tenant_id: str, policy: TrainingPolicy
+) -> None:
+    """Store a tenant's policy (API and dashboard): its Temporal Schedule follows, and this
+    process's inference gate forgets the old one at once (others within the memo's ttl)."""
+    tenant = await session.get(Tenant, tenant_id)
+    assert tenant is not None
+    old = policy_of(tenant.policy)
+    if policy.schedule is not None or old.schedule is not None:
+        orch: Orchestrator = request.app.state.orchestrator
+        await orch.sync_schedule(tenant_id, policy)
+    tenant.policy = policy.model_dump()
+    await session.commit()
+    gate: InferenceGate = request.app.state.inference_gate
+    gate.forget(tenant_id)

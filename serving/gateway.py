@@ -12,21 +12,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core import deployments
+from core import deployments, interactions
 from core.artifacts import ArtifactStore
-from core.ids import new_id
-from core.models import AdapterVersion, Deployment, Interaction
-from core.usage import INFERENCE_TOKENS, record_usage
+from core.models import AdapterVersion, Deployment
 from serving.registry import Resolved
 from serving.types import AdapterRef, Choice, GenerationRequest, ServingBackend
 
-__all__ = ["AdapterPlacement", "new_interaction_ids", "record_answer"]
+__all__ = ["AdapterPlacement", "record_answer"]
 
 log = logging.getLogger(__name__)
-
-
-def new_interaction_ids(n: int) -> list[str]:
-    return [new_id("int") for _ in range(n)]
 
 
 async def record_answer(
@@ -41,7 +35,8 @@ async def record_answer(
     interaction_ids: list[str],
     endpoint: str,
 ) -> None:
-    """One interaction per choice and one usage row for the request, committed together."""
+    """``core.interactions.record_answer`` for a request as the serving tier saw it: a text
+    completion's prompt is kept as one user message, and its sampling settings beside it."""
     messages: list[dict[str, Any]] = (
         [dict(m) for m in request.messages]
         if request.messages is not None
@@ -52,32 +47,19 @@ async def record_answer(
         for k, v in asdict(request).items()
         if k not in ("adapter", "messages", "prompt", "fallback_to_base")
     }
-    sampling["endpoint"] = endpoint
-    for interaction_id, choice in zip(interaction_ids, choices, strict=True):
-        session.add(
-            Interaction(
-                id=interaction_id,
-                tenant_id=tenant_id,
-                adapter_version_id=resolved.version.id if resolved.version else None,
-                model=resolved.label,
-                messages=messages,
-                completion=choice.text,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=choice.completion_tokens,
-                sampling={**sampling, "finish_reason": choice.finish_reason},
-                latency_ms=latency_ms,
-                canary_arm=resolved.canary_arm,
-            )
-        )
-    tokens = prompt_tokens * len(choices) + sum(c.completion_tokens for c in choices)
-    await record_usage(
+    await interactions.record_answer(
         session,
         tenant_id=tenant_id,
-        meter=INFERENCE_TOKENS,
-        quantity=tokens,
-        idempotency_key=f"inference:{interaction_ids[0]}",
+        version_id=resolved.version.id if resolved.version else None,
+        model=resolved.label,
+        canary_arm=resolved.canary_arm,
+        messages=messages,
+        sampling={**sampling, "endpoint": endpoint},
+        choices=choices,
+        prompt_tokens=prompt_tokens,
+        latency_ms=latency_ms,
+        interaction_ids=interaction_ids,
     )
-    await session.commit()
 
 
 class AdapterPlacement:

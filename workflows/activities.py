@@ -21,9 +21,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import trainer
-from core import deployments
+from core import deployments, runs
 from core.artifacts import ArtifactStore
-from core.billing import BillingConfig, check_training_allowed
+from core.billing import BillingConfig
 from core.canary import CanaryRule, Verdict, decide
 from core.errors import BillingSuspended, BudgetExceeded, Conflict, TenantSuspended
 from core.ids import new_id
@@ -36,8 +36,6 @@ from core.models import (
     Interaction,
     RunEvent,
     RunStatus,
-    Tenant,
-    TenantStatus,
     TrainingRun,
 )
 from core.usage import TRAINING_TOKENS, record_usage
@@ -177,30 +175,18 @@ class PersonalizationActivities:
                 session.add(run)
                 await session.flush()
             if run.status is RunStatus.queued:
-                other = await session.scalar(
-                    select(TrainingRun.id).where(
-                        TrainingRun.tenant_id == inp.tenant_id,
-                        TrainingRun.id != run.id,
-                        TrainingRun.status.in_((RunStatus.queued, RunStatus.running)),
-                    )
-                )
+                other = await runs.active_run(session, tenant_id=inp.tenant_id, other_than=run.id)
                 if other is not None:
-                    reason = f"run {other} is in progress for this tenant"
+                    reason = f"run {other.id} is in progress for this tenant"
                     run.status, run.reason, run.finished_at = RunStatus.skipped, reason, _now()
                     session.add(_event(run, "info", "message", f"run skipped: {reason}", None))
                     await session.commit()
                     raise ApplicationError(reason, run.id, type=RUN_IN_PROGRESS, non_retryable=True)
                 # Scheduled runs reach no API check (where a suspended tenant's keys are
                 # refused): suspension and billing are enforced here for every run.
-                tenant = await session.get(Tenant, inp.tenant_id)
                 try:
-                    if tenant is not None and tenant.status is TenantStatus.suspended:
-                        raise TenantSuspended(
-                            "the operator suspended this tenant: its runs are refused until "
-                            "it is reactivated"
-                        )
-                    await check_training_allowed(
-                        session, tenant_id=inp.tenant_id, config=self.billing
+                    await runs.check_may_train(
+                        session, tenant_id=inp.tenant_id, billing=self.billing
                     )
                 except (TenantSuspended, BillingSuspended, BudgetExceeded) as exc:
                     run.status, run.reason, run.finished_at = RunStatus.skipped, exc.message, _now()

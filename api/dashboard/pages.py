@@ -39,10 +39,8 @@ from api.dashboard.session import (
     still_valid,
     switch_tenant,
 )
-from api.deps import SessionDep
-from api.orchestration import ACTIVE, MAX_DECISION_REASON, awaiting_approval
-from api.routers import runs
-from api.routers.billing import billing_config
+from api.deps import SessionDep, billing_config, orchestrator
+from api.orchestration import MAX_DECISION_REASON, awaiting_approval, save_policy
 from core import billing, deployments, keys, tenants
 from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION
 from core.errors import DomainError, InvalidInput, NotFound, PermissionDenied, Unauthenticated
@@ -57,6 +55,7 @@ from core.models import (
     TrainingRun,
 )
 from core.policy import TrainingPolicy, policy_of
+from core.runs import ACTIVE, find_run
 from serving.gateway import AdapterPlacement
 from trainer.stats import proportion
 
@@ -417,7 +416,7 @@ async def run_list(
 async def run_start(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    run, started = await runs.orchestrator(request).start_run(
+    run, started = await orchestrator(request).start_run(
         db, tenant_id=tenant_id, trigger="dashboard"
     )
     return back_to(f"/dashboard/runs/{run.id}", "run_started" if started else "run_running")
@@ -496,7 +495,7 @@ def _num(m: dict[str, Any], key: str) -> bool:
 async def run_page(
     run_id: str, request: Request, db: SessionDep, s: SessionUser, tenant_id: TenantId
 ) -> Response:
-    run = await runs.find_run(db, tenant_id, run_id)
+    run = await find_run(db, tenant_id=tenant_id, run_id=run_id)
     return await render(request, db, s, "run.html", **await _live_context(db, tenant_id, run))
 
 
@@ -505,7 +504,7 @@ async def run_live(
     run_id: str, request: Request, db: SessionDep, s: SessionUser, tenant_id: TenantId
 ) -> Response:
     """The live section alone, for the page's script to swap in while the run is active."""
-    run = await runs.find_run(db, tenant_id, run_id)
+    run = await find_run(db, tenant_id=tenant_id, run_id=run_id)
     return await render(request, db, s, "run_live.html", **await _live_context(db, tenant_id, run))
 
 
@@ -513,9 +512,9 @@ async def run_live(
 async def run_cancel(
     run_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    run = await runs.find_run(db, tenant_id, run_id)
+    run = await find_run(db, tenant_id=tenant_id, run_id=run_id)
     if run.status in ACTIVE:
-        await runs.orchestrator(request).cancel(run)
+        await orchestrator(request).cancel(run)
     return back_to(f"/dashboard/runs/{run.id}", "cancel_requested")
 
 
@@ -523,9 +522,9 @@ async def run_cancel(
 async def run_approve(
     run_id: str, request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    run = await runs.find_run(db, tenant_id, run_id)
+    run = await find_run(db, tenant_id=tenant_id, run_id=run_id)
     by = await keys.key_label(db, key_id=s.key_id)
-    await runs.orchestrator(request).decide(db, run=run, approve=True, by=by)
+    await orchestrator(request).decide(db, run=run, approve=True, by=by)
     return back_to(f"/dashboard/runs/{run.id}", "approved")
 
 
@@ -538,9 +537,9 @@ async def run_reject(
     tenant_id: TenantId,
     reason: Annotated[str, Form(max_length=MAX_DECISION_REASON)] = "",
 ) -> Response:
-    run = await runs.find_run(db, tenant_id, run_id)
+    run = await find_run(db, tenant_id=tenant_id, run_id=run_id)
     by = await keys.key_label(db, key_id=s.key_id)
-    await runs.orchestrator(request).decide(db, run=run, approve=False, by=by, reason=reason)
+    await orchestrator(request).decide(db, run=run, approve=False, by=by, reason=reason)
     return back_to(f"/dashboard/runs/{run.id}", "rejected")
 
 
@@ -803,7 +802,7 @@ async def policy_save(
         return await _settings(
             request, db, s, tenant_id, policy=current_policy, errors=errors, status_code=422
         )
-    await runs.save_policy(request, db, tenant_id=tenant_id, policy=policy)
+    await save_policy(request, db, tenant_id=tenant_id, policy=policy)
     return back_to("/dashboard/settings", "policy_saved")
 
 

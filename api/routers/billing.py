@@ -11,9 +11,8 @@ import stripe
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import AdminTenantDep, SessionDep
+from api.deps import AdminTenantDep, SessionDep, billing_config
 from core.billing import (
-    BillingConfig,
     InferenceGate,
     MeterUsage,
     RunCostEstimate,
@@ -84,11 +83,6 @@ class UsageOut(BaseModel):
     next_run_estimate: RunEstimateOut = Field(
         description="what a personalization run started now would cost"
     )
-
-
-def billing_config(request: Request) -> BillingConfig:
-    config: BillingConfig = request.app.state.billing
-    return config
 
 
 @router.get("/usage")

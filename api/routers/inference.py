@@ -31,7 +31,8 @@ from core import deployments
 from core.billing import InferenceGate
 from core.deployments import CANDIDATE
 from core.errors import DomainError, InvalidInput
-from serving.gateway import AdapterPlacement, new_interaction_ids, record_answer
+from core.interactions import new_interaction_ids
+from serving.gateway import AdapterPlacement, record_answer
 from serving.registry import BASE, DEFAULT, Resolved, resolve_model
 from serving.types import (
     FALLBACK,

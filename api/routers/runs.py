@@ -9,16 +9,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import AdminKeyDep, AdminTenantDep, SessionDep
-from api.orchestration import ACTIVE, MAX_DECISION_REASON, Orchestrator, waiting_for
+from api.deps import AdminKeyDep, AdminTenantDep, SessionDep, orchestrator
+from api.orchestration import MAX_DECISION_REASON, save_policy, waiting_for
 from api.schemas import ListOf, RequestModel
-from core.billing import InferenceGate
-from core.errors import NotFound
 from core.keys import key_label
 from core.models import RunEvent, Tenant, TrainingRun
 from core.policy import TrainingPolicy, policy_of
+from core.runs import ACTIVE, find_run
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
@@ -94,21 +92,6 @@ class EventOut(BaseModel):
     data: dict[str, Any] | None
 
 
-def orchestrator(request: Request) -> Orchestrator:
-    orch: Orchestrator = request.app.state.orchestrator
-    return orch
-
-
-async def find_run(session: AsyncSession, tenant_id: str, run_id: str) -> TrainingRun:
-    """The tenant's run, or ``NotFound`` (another tenant's run looks exactly like none)."""
-    run = await session.scalar(
-        select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.id == run_id)
-    )
-    if run is None:
-        raise NotFound(f"no run {run_id!r}")
-    return run
-
-
 @router.post(
     "/runs",
     status_code=status.HTTP_202_ACCEPTED,
@@ -157,7 +140,7 @@ async def list_runs(
 
 @router.get("/runs/{run_id}")
 async def get_run(run_id: str, session: SessionDep, tenant_id: AdminTenantDep) -> RunOut:
-    return RunOut.of(await find_run(session, tenant_id, run_id))
+    return RunOut.of(await find_run(session, tenant_id=tenant_id, run_id=run_id))
 
 
 @router.get("/runs/{run_id}/events")
@@ -170,7 +153,7 @@ async def run_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ListOf[EventOut]:
     """Oldest first, like OpenAI's fine-tuning job events; poll with ``after``."""
-    await find_run(session, tenant_id, run_id)
+    await find_run(session, tenant_id=tenant_id, run_id=run_id)
     rows = list(
         await session.scalars(
             select(RunEvent)
@@ -202,7 +185,7 @@ async def cancel_run(
     run_id: str, request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> RunOut:
     """Ask a run to stop; training checkpoints and the run ends ``cancelled``."""
-    run = await find_run(session, tenant_id, run_id)
+    run = await find_run(session, tenant_id=tenant_id, run_id=run_id)
     if run.status in ACTIVE:
         await orchestrator(request).cancel(run)
     return RunOut.of(run)
@@ -226,7 +209,7 @@ async def approve_run(
 ) -> RunOut:
     """Let a run waiting for approval promote its candidate; the run then ends ``succeeded``
     with the candidate serving ``default``. Your key's name is recorded as the approver."""
-    run = await find_run(session, tenant_id, run_id)
+    run = await find_run(session, tenant_id=tenant_id, run_id=run_id)
     by = await key_label(session, key_id=admin.key_id)
     await orchestrator(request).decide(session, run=run, approve=True, by=by)
     return RunOut.of(run)
@@ -243,7 +226,7 @@ async def reject_run(
 ) -> RunOut:
     """Turn down the candidate of a run waiting for approval: the run ends ``succeeded``, not
     promoted, and the version is kept ``rejected`` with who rejected it and ``reason``."""
-    run = await find_run(session, tenant_id, run_id)
+    run = await find_run(session, tenant_id=tenant_id, run_id=run_id)
     by = await key_label(session, key_id=admin.key_id)
     await orchestrator(request).decide(
         session, run=run, approve=False, by=by, reason=body.reason if body else None
@@ -266,19 +249,3 @@ async def put_policy(
     kept in step as a Temporal Schedule; setting one needs orchestration to be configured."""
     await save_policy(request, session, tenant_id=tenant_id, policy=body)
     return body
-
-
-async def save_policy(
-    request: Request, session: AsyncSession, *, tenant_id: str, policy: TrainingPolicy
-) -> None:
-    """Store a tenant's policy (API and dashboard): its Temporal Schedule follows, and this
-    process's inference gate forgets the old one at once (others within the memo's ttl)."""
-    tenant = await session.get(Tenant, tenant_id)
-    assert tenant is not None
-    old = policy_of(tenant.policy)
-    if policy.schedule is not None or old.schedule is not None:
-        await orchestrator(request).sync_schedule(tenant_id, policy)
-    tenant.policy = policy.model_dump()
-    await session.commit()
-    gate: InferenceGate = request.app.state.inference_gate
-    gate.forget(tenant_id)

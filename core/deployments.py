@@ -341,6 +341,10 @@ def _arm_of(per_user: dict[str, list[int]]) -> Arm:
     )
 
 
+BY_ADMIN = {True: "canary promoted by an admin", False: "canary aborted by an admin"}
+"""The reason a canary ended by hand (API or dashboard) records, by whether it promoted."""
+
+
 async def conclude_canary(
     session: AsyncSession,
     *,

@@ -638,13 +638,17 @@ async def canary_start(
     return back_to("/dashboard/adapters", "canary_started")
 
 
+async def _end_canary(request: Request, db: AsyncSession, tenant_id: str, promote: bool) -> None:
+    await placement(request).conclude_canary(
+        db, tenant_id=tenant_id, promote=promote, reason=deployments.BY_ADMIN[promote]
+    )
+
+
 @router.post("/deployment/canary/promote")
 async def canary_promote(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    await placement(request).conclude_canary(
-        db, tenant_id=tenant_id, promote=True, reason="canary promoted by an admin"
-    )
+    await _end_canary(request, db, tenant_id, promote=True)
     return back_to("/dashboard/adapters", "canary_promoted")
 
 
@@ -652,9 +656,7 @@ async def canary_promote(
 async def canary_abort(
     request: Request, db: SessionDep, s: CheckedUser, tenant_id: TenantId
 ) -> Response:
-    await placement(request).conclude_canary(
-        db, tenant_id=tenant_id, promote=False, reason="canary aborted by an admin"
-    )
+    await _end_canary(request, db, tenant_id, promote=False)
     return back_to("/dashboard/adapters", "canary_aborted")
 
 

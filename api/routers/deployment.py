@@ -110,10 +110,12 @@ async def start_canary(
 
 
 async def _conclude(
-    request: Request, session: SessionDep, tenant_id: str, *, promote: bool, reason: str
+    request: Request, session: SessionDep, tenant_id: str, *, promote: bool
 ) -> DeploymentOut:
     placement: AdapterPlacement = request.app.state.placement
-    await placement.conclude_canary(session, tenant_id=tenant_id, promote=promote, reason=reason)
+    await placement.conclude_canary(
+        session, tenant_id=tenant_id, promote=promote, reason=deployments.BY_ADMIN[promote]
+    )
     return await _deployment(session, tenant_id)
 
 
@@ -122,9 +124,7 @@ async def promote_canary(
     request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:
     """Promote the canary's candidate now: it answers ``default`` for everyone."""
-    return await _conclude(
-        request, session, tenant_id, promote=True, reason="canary promoted by an admin"
-    )
+    return await _conclude(request, session, tenant_id, promote=True)
 
 
 @router.post("/canary/abort", responses={409: {"description": "no canary is running"}})
@@ -132,6 +132,4 @@ async def abort_canary(
     request: Request, session: SessionDep, tenant_id: AdminTenantDep
 ) -> DeploymentOut:
     """End the canary: everyone gets the live version again; the candidate is rejected."""
-    return await _conclude(
-        request, session, tenant_id, promote=False, reason="canary aborted by an admin"
-    )
+    return await _conclude(request, session, tenant_id, promote=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -43,6 +44,8 @@ from serving.types import (
     ServingBackend,
 )
 from trainer.control_tokens import neutralize_control_tokens
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 # The route-specific errors (the shared ones are documented by api.errors).
@@ -199,14 +202,17 @@ async def _failed_on_canary(
         return
     if not isinstance(exc, Exception) or (isinstance(exc, DomainError) and exc.status < 500):
         return
-    with anyio.CancelScope(shield=True):
-        async with request.app.state.sessionmaker() as session:
-            await deployments.record_canary_failure(
-                session,
-                tenant_id=tenant_id,
-                canary_version_id=resolved.canary_version_id,
-                arm=resolved.canary_arm,
-            )
+    try:
+        with anyio.CancelScope(shield=True):
+            async with request.app.state.sessionmaker() as session:
+                await deployments.record_canary_failure(
+                    session,
+                    tenant_id=tenant_id,
+                    canary_version_id=resolved.canary_version_id,
+                    arm=resolved.canary_arm,
+                )
+    except Exception:  # the request's own error is what its caller must hear, not this one
+        log.warning("could not count a failed request against its canary arm", exc_info=True)
 
 
 class _SlotStreamingResponse(StreamingResponse):

@@ -567,23 +567,6 @@ class PersonalizationActivities:
         """Drop checkpoints once the adapter is in the store; the dataset stays (data card)."""
         shutil.rmtree(self.run_dir(tenant_id, run_id) / "train" / "checkpoints", ignore_errors=True)
 
-    def all(self) -> list[Any]:
-        return [
-            self.start_run,
-            self.update_run,
-            self.compile_dataset,
-            self.train_adapter,
-            self.current_adapter,
-            self.evaluate_adapter,
-            self.register_adapter,
-            self.promote_adapter,
-            self.start_canary,
-            self.look_at_canary,
-            self.reject_version,
-            self.record_training_usage,
-            self.cleanup_run,
-        ]
-
 
 def _now() -> datetime:
     return datetime.now(UTC)

@@ -576,8 +576,14 @@ async def adapter_list(
         live_id=live_id,
         rows=REPORT_ROWS,
         canary=await _canary_panel(db, tenant_id),
-        fractions=(MIN_CANARY_FRACTION, MAX_CANARY_FRACTION),
+        canary_percent=CANARY_PERCENT,
     )
+
+
+CANARY_PERCENT = (round(MIN_CANARY_FRACTION * 100, 6), round(MAX_CANARY_FRACTION * 100, 6))
+"""The share of end users a canary may take, in percent as the form asks (rounded: a fraction
+times 100 need not come out whole in floating point, and a bound of 7.000000000000001 would
+refuse the 7 it names)."""
 
 
 async def _canary_panel(db: AsyncSession, tenant_id: str) -> dict[str, Any] | None:
@@ -628,9 +634,7 @@ async def canary_start(
     s: CheckedUser,
     tenant_id: TenantId,
     version_id: Annotated[str, Form(min_length=1, max_length=40)],
-    percent: Annotated[
-        float, Form(ge=MIN_CANARY_FRACTION * 100, le=MAX_CANARY_FRACTION * 100)
-    ] = 10,
+    percent: Annotated[float, Form(ge=CANARY_PERCENT[0], le=CANARY_PERCENT[1])] = 10,
 ) -> Response:
     await placement(request).start_canary(
         db, tenant_id=tenant_id, version_id=version_id, fraction=percent / 100

@@ -392,7 +392,9 @@ async def test_the_canary_panel_shows_the_arms_and_an_admin_ends_it(
     assert by_id[ids["v0"]]["live"] and by_id[ids["v1"]]["status"] == "rejected"
     assert 'id="canary"' not in (await c.get("/dashboard/adapters")).text
 
-    await form(c, "/dashboard/adapters", start, version_id=more["v0"], percent="20")
+    r = await form(c, "/dashboard/adapters", start, version_id=more["v0"], percent="5")
+    assert r.status_code == 303  # the smallest share is allowed
+    assert 'id="canary-split">5%' in (await c.get("/dashboard/adapters")).text
     r = await form(c, "/dashboard/adapters", "/dashboard/deployment/canary/promote")
     assert r.status_code == 303 and r.headers["location"].endswith("notice=canary_promoted")
     versions = (await client.get("/v1/adapters", headers=tenant.auth("admin"))).json()["data"]

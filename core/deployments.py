@@ -10,7 +10,8 @@ resolving a request's ``model`` live with the serving tier (``serving/registry.p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Integer, func, select, update
@@ -206,6 +207,15 @@ LATENCY_SAMPLE = 2000
 """An arm's p95 time per answer token is read from its latest answers, this many at most."""
 
 
+def _arm_of(counts: Sequence[tuple[int, int]]) -> Arm:
+    """An arm's thumbs from (up, down) per end user, their clustering included."""
+    return Arm(
+        up=sum(u for u, _ in counts),
+        down=sum(d for _, d in counts),
+        design_effect=design_effect(counts),
+    )
+
+
 async def _arm(
     session: AsyncSession, deployment: Deployment, arm: str, *, latency: bool = False
 ) -> Arm:
@@ -257,13 +267,11 @@ async def _arm(
         # Per answer token: a candidate whose users like longer answers is not a slow one.
         ordered = sorted(ms / max(tokens, 1) for ms, tokens in recent)
         p95 = ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank
-    return Arm(
-        up=sum(u for u, _ in counts),
-        down=sum(d for _, d in counts),
+    return replace(
+        _arm_of(counts),
         requests=requests,
         errors=failed + (int(fallbacks or 0) if arm_version is not None else 0),
         p95_ms=p95,
-        design_effect=design_effect(counts),
     )
 
 
@@ -325,20 +333,13 @@ async def p_better_over_time(
         arm_users.setdefault(user, [0, 0])[0 if rating > 0 else 1] += 1
         if i not in keep:
             continue
-        cur, cand = (_arm_of(per_user[a]) for a in (CURRENT, CANDIDATE))
+        cur, cand = (
+            _arm_of([(u, d) for u, d in per_user[a].values()]) for a in (CURRENT, CANDIDATE)
+        )
         if cur.thumbs and cand.thumbs:
             hours = (at - started).total_seconds() / 3600
             series.append((max(hours, 0.0), p_better(cand, cur)))
     return series
-
-
-def _arm_of(per_user: dict[str, list[int]]) -> Arm:
-    counts = [(u, d) for u, d in per_user.values()]
-    return Arm(
-        up=sum(u for u, _ in counts),
-        down=sum(d for _, d in counts),
-        design_effect=design_effect(counts),
-    )
 
 
 BY_ADMIN = {True: "canary promoted by an admin", False: "canary aborted by an admin"}

@@ -190,21 +190,13 @@ class VllmPoolBackend:
             await opened.response.aclose()
 
     async def load(self, adapter: AdapterRef) -> None:
-        """Load ``adapter`` on the replica that will serve it (its ring owner, or the next one
-        up when the owner is down)."""
-        _check_name(adapter.serving_name)
-        for replica in self._candidates(self._ring.preference(adapter.serving_name)):
-            try:
-                await self._ensure_loaded(replica, adapter)
-            except _ReplicaDown:
-                continue
-            except _LoadFailed as exc:
-                raise Unavailable(
-                    f"the adapter {adapter.serving_name} cannot be loaded: {exc}",
-                    code="adapter_unavailable",
-                ) from exc
-            return
-        raise Unavailable("no vLLM replica is reachable", code="serving_unavailable")
+        """Load ``adapter`` where a request for it would go (its ring owner, or the next replica
+        up when the owner is down): the request path's own routing, with nothing to generate."""
+
+        async def loaded(replica: _Replica, model: str, served_by: str) -> None:
+            return None
+
+        await self._route(GenerationRequest(adapter=adapter), loaded)
 
     async def unload(self, serving_name: str) -> None:
         """Forget ``serving_name`` on every replica that is up (a retired version). A replica

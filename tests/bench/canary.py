@@ -6,7 +6,8 @@ This measures the rule on simulated live traffic, not the serving path. The spli
 stable arm per end user, each answer recorded with its arm, thumbs counted per arm) is tested
 through HTTP in ``tests/serving/test_canary.py`` and by the workflow in
 ``tests/workflows/test_canary_rollout.py``; its cost per request is ``canary_resolve.py``. A
-bench that has the simulated users rate live model answers through the split is not built:
+bench that has the simulated users rate live model answers through the split is not built.
+The simulated traffic:
 
 - a tenant's end users (``--users``, 200) each have a leniency of their own (a logit offset,
   normal with sd ``--user-sd``, 1.0) and an activity of their own (log-normal): real thumbs come

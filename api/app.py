@@ -37,7 +37,7 @@ from core.keys import PrincipalCache
 from core.settings import ApiSettings
 from core.stripe_billing import StripeBilling
 from serving.backends import build_backend
-from serving.gateway import AdapterPlacement
+from serving.gateway import AdapterPlacement, Gateway
 from serving.types import ServingBackend
 
 
@@ -155,6 +155,14 @@ def create_app(
         app.state.sessionmaker, app.state.billing, ttl=settings.auth_cache_seconds
     )
     app.state.limits = Limits.from_settings(settings)
+    app.state.gateway = Gateway(
+        backend=engine_backend,
+        store=app.state.store,
+        sessionmaker=app.state.sessionmaker,
+        gate=app.state.inference_gate,
+        placement=app.state.placement,
+        limits=app.state.limits,
+    )
     app.state.orchestrator = Orchestrator(
         settings.temporal_address,
         base_model=settings.base_model,

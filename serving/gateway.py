@@ -1,24 +1,43 @@
-"""The gateway's bookkeeping around an answer: every answer is an ``interactions`` row (so
-feedback knows exactly what it rates) and its tokens land in the usage ledger; and the serving
-tier follows the deployments: promoted versions are preloaded, retired ones unloaded."""
+"""The serving gateway: one object owns an answer's whole path (billing gate, resolving the
+model with its canary arm, the operator's limits, generating with the tenant's fallback policy,
+recording the answer as an ``interactions`` row so feedback knows exactly what it rates, and
+metering its tokens). The API's inference routes only parse a request and shape the response.
+
+Beside it, :class:`AdapterPlacement` keeps the serving tier following the deployments: promoted
+versions are preloaded, retired ones unloaded."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict
-from typing import Any
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
 
+import anyio
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import deployments, interactions
 from core.artifacts import ArtifactStore
+from core.billing import InferenceGate
+from core.deployments import CANDIDATE
+from core.errors import DomainError
 from core.models import AdapterVersion, Deployment
-from serving.registry import Resolved
-from serving.types import AdapterRef, Choice, GenerationRequest, ServingBackend
+from serving.registry import DEFAULT, Resolved, resolve_model
+from serving.types import (
+    FALLBACK,
+    AdapterRef,
+    Choice,
+    Generation,
+    GenerationRequest,
+    Served,
+    ServingBackend,
+)
 
-__all__ = ["AdapterPlacement", "record_answer"]
+__all__ = ["AdapterPlacement", "Answer", "Ask", "Gateway", "StreamedAnswer", "record_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +215,236 @@ class AdapterPlacement:
             log.warning("could not unload retired adapter %s", serving_name, exc_info=True)
         else:
             log.info("unloaded retired adapter %s", serving_name)
+
+
+class GenerationLimits(Protocol):
+    """The operator's limits the gateway applies to a generation (``api.rate_limits.Limits``;
+    the per-request rate is the API's, over every route)."""
+
+    def start_generation(self, tenant_id: str) -> Callable[[], None]:
+        """Take one of the tenant's in-flight slots (or refuse); returns its release."""
+        ...
+
+    async def answer_tokens(self, key_id: str, tokens: int) -> None:
+        """Reserve answer tokens for the key (or refuse)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One inference request as the gateway takes it, parsed and checked by the API."""
+
+    tenant_id: str
+    key_id: str
+    """The API key asking: its answer-token rate is what the limits count."""
+    endpoint: str
+    """``chat.completions`` or ``completions``, as recorded with the interaction."""
+    model: str
+    """``default``, ``base`` or one of the tenant's version ids."""
+    user: str | None
+    """The end user, which keeps them on one canary arm."""
+    generation: GenerationRequest
+    """What to generate; its ``adapter`` and ``fallback_to_base`` are the gateway's to set."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    resolved: Resolved
+    """The version that answered (after a fallback, none: the base model did)."""
+    generation: Generation
+    interaction_ids: list[str]
+    """One per choice: what feedback rates."""
+
+
+@dataclass
+class StreamedAnswer:
+    """A streamed answer whose routing is done (the version that answers is known) and whose
+    text is still to come: iterate ``pieces`` (text, then the finished ``Generation``), and call
+    ``release`` when the response ends, however it ends (a client that left may never start the
+    iteration). Closing ``pieces`` early records and meters what was produced so far."""
+
+    resolved: Resolved
+    interaction_id: str
+    pieces: AsyncGenerator[str | Generation, None]
+    release: Callable[[], None]
+
+
+class Gateway:
+    """An answer's whole path for a tenant's product key: admit (billing, suspension), resolve
+    the model (the canary picks an arm per end user), follow promotions made elsewhere, count the
+    operator's limits, generate (or fall back to base, as the tenant's policy says), record the
+    answer and meter its tokens. A failed answer on a canary arm counts against that arm."""
+
+    def __init__(
+        self,
+        *,
+        backend: ServingBackend,
+        store: ArtifactStore,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        gate: InferenceGate,
+        placement: AdapterPlacement,
+        limits: GenerationLimits,
+    ) -> None:
+        self._backend = backend
+        self._store = store
+        self._sessionmaker = sessionmaker
+        self._gate = gate
+        self._placement = placement
+        self._limits = limits
+
+    async def answer(self, session: AsyncSession, ask: Ask) -> Answer:
+        """Generate ``ask``'s choices and record them. ``session`` is closed before generating
+        (the pool's connection is not held for seconds) and used again to record."""
+        resolved, request = await self._route(session, ask)
+        ids = interactions.new_interaction_ids(request.n)
+        started = time.perf_counter()
+        release = self._limits.start_generation(ask.tenant_id)
+        try:
+            await self._limits.answer_tokens(ask.key_id, request.max_tokens * request.n)
+            try:
+                generation = await self._backend.generate(request)
+            except Exception as exc:
+                await self._failed_on_canary(ask.tenant_id, resolved, exc)
+                raise
+        finally:
+            release()
+        if generation.served_by == FALLBACK:  # record what really answered
+            resolved = replace(resolved, version=None, adapter=None, fallback=True)
+        await record_answer(
+            session,
+            tenant_id=ask.tenant_id,
+            resolved=resolved,
+            request=request,
+            choices=generation.choices,
+            prompt_tokens=generation.prompt_tokens,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            interaction_ids=ids,
+            endpoint=ask.endpoint,
+        )
+        return Answer(resolved, generation, ids)
+
+    async def stream(self, session: AsyncSession, ask: Ask) -> StreamedAnswer:
+        """Start ``ask``'s single answer. Routing and adapter loading finish here, before any
+        text: their errors are this request's (503 ``adapter_unavailable``), and a fallback is
+        known in time for the response headers."""
+        resolved, request = await self._route(session, ask)
+        [interaction_id] = interactions.new_interaction_ids(1)
+        release = self._limits.start_generation(ask.tenant_id)
+        try:
+            await self._limits.answer_tokens(ask.key_id, request.max_tokens)
+            pieces = self._backend.stream(request)
+            served = await anext(pieces)
+            if not isinstance(served, Served):
+                raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
+        except BaseException as exc:
+            release()
+            await self._failed_on_canary(ask.tenant_id, resolved, exc)
+            raise
+        if served.served_by == FALLBACK:
+            resolved = replace(resolved, version=None, adapter=None, fallback=True)
+        return StreamedAnswer(
+            resolved,
+            interaction_id,
+            self._recorded(ask, resolved, request, interaction_id, pieces),
+            release,
+        )
+
+    async def _route(self, session: AsyncSession, ask: Ask) -> tuple[Resolved, GenerationRequest]:
+        # Billing (unpaid subscription, budget) and the tenant's policy from a per-process memo:
+        # no query per request.
+        policy = await self._gate.admit(ask.tenant_id)
+        resolved = await resolve_model(
+            session, self._store, tenant_id=ask.tenant_id, model=ask.model, user=ask.user
+        )
+        if ask.model == DEFAULT and resolved.canary_arm != CANDIDATE:
+            # A promotion or rollback elsewhere shows here: unload the old one. (A canary's
+            # candidate is not what default points to: it must not unload the live version.)
+            await self._placement.served_default(
+                session,
+                tenant_id=ask.tenant_id,
+                serving_name=resolved.adapter.serving_name if resolved.adapter else None,
+            )
+        # Hand the connection back while the model works (seconds): otherwise concurrent
+        # requests exhaust the pool. Recording the answer takes one again.
+        await session.close()
+        return resolved, replace(
+            ask.generation, adapter=resolved.adapter, fallback_to_base=policy.fallback_to_base
+        )
+
+    async def _recorded(
+        self,
+        ask: Ask,
+        resolved: Resolved,
+        request: GenerationRequest,
+        interaction_id: str,
+        pieces: AsyncIterator[Served | str | Generation],
+    ) -> AsyncGenerator[str | Generation, None]:
+        started = time.perf_counter()
+        sent: list[str] = []
+        finished: Generation | None = None
+        failed = False
+        try:
+            async for piece in pieces:
+                if isinstance(piece, Served):
+                    continue  # taken by stream()
+                if isinstance(piece, Generation):
+                    finished = piece
+                else:
+                    sent.append(piece)
+                yield piece
+        except Exception as exc:
+            failed = True  # the engine failed: the answer is broken off, and nothing is billed
+            await self._failed_on_canary(ask.tenant_id, resolved, exc)
+            raise
+        finally:
+            # Also when the client went away mid-answer (this generator is cancelled or closed):
+            # what it was sent was computed, so it is recorded and metered, shielded from the
+            # cancellation. Without the engine's final counts, the prompt is estimated from its
+            # length (~4 characters per token) and each piece counts as one token.
+            if not failed and finished is None:
+                finished = Generation(
+                    choices=[Choice("".join(sent), "disconnected", len(sent))],
+                    prompt_tokens=math.ceil(_prompt_chars(request) / 4),
+                )
+            if finished is not None:
+                with anyio.CancelScope(shield=True):
+                    async with self._sessionmaker() as session:
+                        await record_answer(
+                            session,
+                            tenant_id=ask.tenant_id,
+                            resolved=resolved,
+                            request=request,
+                            choices=finished.choices,
+                            prompt_tokens=finished.prompt_tokens,
+                            latency_ms=(time.perf_counter() - started) * 1000,
+                            interaction_ids=[interaction_id],
+                            endpoint=ask.endpoint,
+                        )
+
+    async def _failed_on_canary(
+        self, tenant_id: str, resolved: Resolved, exc: BaseException
+    ) -> None:
+        """A request the canary routed that got no answer counts against its arm (the canary's
+        health check compares the arms' error rates). A client's mistake (a 4xx: too long, over
+        a limit) is not the version's failure, nor is a client that left."""
+        if resolved.canary_arm is None or resolved.canary_version_id is None:
+            return
+        if not isinstance(exc, Exception) or (isinstance(exc, DomainError) and exc.status < 500):
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                async with self._sessionmaker() as session:
+                    await deployments.record_canary_failure(
+                        session,
+                        tenant_id=tenant_id,
+                        canary_version_id=resolved.canary_version_id,
+                        arm=resolved.canary_arm,
+                    )
+        except Exception:  # the request's own error is what its caller must hear, not this one
+            log.warning("could not count a failed request against its canary arm", exc_info=True)
+
+
+def _prompt_chars(request: GenerationRequest) -> int:
+    if request.messages is None:
+        return len(request.prompt or "")
+    return sum(len(str(m.get("content") or "")) for m in request.messages)

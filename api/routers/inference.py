@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import replace
+from contextlib import aclosing
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import BackendDep, ProductTenantDep, SessionDep, StoreDep
-from api.rate_limits import Limits
+from api.deps import ProductTenantDep, SessionDep
 from api.schemas_inference import (
     ChatChoice,
     ChatCompletion,
@@ -29,23 +26,11 @@ from api.schemas_inference import (
     usage_of,
 )
 from core import deployments
-from core.billing import InferenceGate
-from core.deployments import CANDIDATE
-from core.errors import DomainError, InvalidInput
-from core.interactions import new_interaction_ids
-from serving.gateway import AdapterPlacement, record_answer
-from serving.registry import BASE, DEFAULT, Resolved, resolve_model
-from serving.types import (
-    FALLBACK,
-    Choice,
-    Generation,
-    GenerationRequest,
-    Served,
-    ServingBackend,
-)
+from core.errors import InvalidInput
+from serving.gateway import Answer, Ask, Gateway, StreamedAnswer
+from serving.registry import BASE, DEFAULT
+from serving.types import Generation, GenerationRequest
 from trainer.control_tokens import neutralize_control_tokens
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 # The route-specific errors (the shared ones are documented by api.errors).
@@ -76,9 +61,8 @@ def _neutralized(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def _generation_request(
-    body: ChatCompletionRequest | CompletionRequest, resolved: Resolved, *, fallback_to_base: bool
-) -> GenerationRequest:
+def _ask(body: ChatCompletionRequest | CompletionRequest, request: Request, tenant_id: str) -> Ask:
+    """The request as the gateway takes it, or a 400 for what tuneloop does not do."""
     unsupported = body.refuse_unsupported()
     if unsupported is not None:
         raise InvalidInput(
@@ -88,131 +72,57 @@ def _generation_request(
         )
     if body.stream and body.n != 1:
         raise InvalidInput("stream=true answers one choice: set n=1", details={"field": "n"})
-    return GenerationRequest(
-        adapter=resolved.adapter,
-        # A user's text never becomes template structure (a forged system turn): see
-        # trainer.control_tokens. The interaction records what the model was given.
-        messages=[_neutralized(m.model_dump(exclude_none=True)) for m in body.messages]
-        if isinstance(body, ChatCompletionRequest)
-        else None,
-        prompt=body.prompt if isinstance(body, CompletionRequest) else None,
-        max_tokens=body.token_limit,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        n=body.n,
-        stop=body.stops,
-        seed=body.seed,
-        fallback_to_base=fallback_to_base,
+    chat = isinstance(body, ChatCompletionRequest)
+    return Ask(
+        tenant_id=tenant_id,
+        key_id=request.state.principal.key_id,
+        endpoint="chat.completions" if chat else "completions",
+        model=body.model,
+        user=body.user,
+        generation=GenerationRequest(
+            adapter=None,  # the gateway's to choose
+            # A user's text never becomes template structure (a forged system turn): see
+            # trainer.control_tokens. The interaction records what the model was given.
+            messages=[_neutralized(m.model_dump(exclude_none=True)) for m in body.messages]
+            if isinstance(body, ChatCompletionRequest)
+            else None,
+            prompt=body.prompt if isinstance(body, CompletionRequest) else None,
+            max_tokens=body.token_limit,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            n=body.n,
+            stop=body.stops,
+            seed=body.seed,
+        ),
     )
 
 
 async def _answer(
     body: ChatCompletionRequest | CompletionRequest,
     *,
-    endpoint: str,
     request: Request,
     response: Response,
-    session: Any,
+    session: AsyncSession,
     tenant_id: str,
-    backend: ServingBackend,
-    store: Any,
-) -> tuple[Resolved, Generation, list[str]] | StreamingResponse:
-    # Billing (unpaid subscription, budget) and the tenant's policy from a per-process memo: no
-    # query per request.
-    gate: InferenceGate = request.app.state.inference_gate
-    policy = await gate.admit(tenant_id)
-    resolved = await resolve_model(
-        session, store, tenant_id=tenant_id, model=body.model, user=body.user
+) -> Answer | StreamingResponse:
+    ask = _ask(body, request, tenant_id)
+    gateway: Gateway = request.app.state.gateway
+    if not body.stream:
+        answer = await gateway.answer(session, ask)
+        response.headers["X-Interaction-Id"] = ",".join(answer.interaction_ids)
+        response.headers["X-Served-By"] = answer.resolved.label
+        return answer
+    streamed = await gateway.stream(session, ask)
+    return _SlotStreamingResponse(
+        _events(ask.endpoint, streamed),
+        release=streamed.release,
+        media_type="text/event-stream",
+        headers={
+            "X-Interaction-Id": streamed.interaction_id,
+            "X-Served-By": streamed.resolved.label,
+            "Cache-Control": "no-cache",
+        },
     )
-    if body.model == DEFAULT and resolved.canary_arm != CANDIDATE:
-        # A promotion or rollback elsewhere shows here: unload the old one. (A canary's
-        # candidate is not what default points to: it must not unload the live version.)
-        placement: AdapterPlacement = request.app.state.placement
-        await placement.served_default(
-            session,
-            tenant_id=tenant_id,
-            serving_name=resolved.adapter.serving_name if resolved.adapter else None,
-        )
-    gen_request = _generation_request(body, resolved, fallback_to_base=policy.fallback_to_base)
-    # Hand the connection back while the model works (seconds): otherwise concurrent requests
-    # exhaust the pool. Recording the answer takes one again.
-    await session.close()
-    limits: Limits = request.app.state.limits
-    ids = new_interaction_ids(body.n)
-    started = time.perf_counter()
-    if body.stream:
-        release = limits.start_generation(tenant_id)
-        try:
-            await limits.answer_tokens(request.state.principal.key_id, body.token_limit)
-            # Routing and adapter loading finish before the first item: their errors are this
-            # request's (503 adapter_unavailable), and a fallback is known in time for the
-            # headers.
-            pieces = backend.stream(gen_request)
-            served = await anext(pieces)
-            if not isinstance(served, Served):
-                raise TypeError(f"a backend's stream must begin with Served, not {served!r}")
-        except BaseException as exc:
-            release()
-            await _failed_on_canary(request, tenant_id, resolved, exc)
-            raise
-        if served.served_by == FALLBACK:
-            resolved = replace(resolved, version=None, adapter=None, fallback=True)
-        return _SlotStreamingResponse(
-            _stream(request, endpoint, tenant_id, resolved, gen_request, ids[0], pieces),
-            release=release,
-            media_type="text/event-stream",
-            headers={
-                "X-Interaction-Id": ids[0],
-                "X-Served-By": resolved.label,
-                "Cache-Control": "no-cache",
-            },
-        )
-    async with limits.generation(tenant_id):
-        await limits.answer_tokens(request.state.principal.key_id, body.token_limit * body.n)
-        try:
-            generation = await backend.generate(gen_request)
-        except Exception as exc:
-            await _failed_on_canary(request, tenant_id, resolved, exc)
-            raise
-    if generation.served_by == FALLBACK:  # say so, and record what really answered
-        resolved = replace(resolved, version=None, adapter=None, fallback=True)
-    await record_answer(
-        session,
-        tenant_id=tenant_id,
-        resolved=resolved,
-        request=gen_request,
-        choices=generation.choices,
-        prompt_tokens=generation.prompt_tokens,
-        latency_ms=(time.perf_counter() - started) * 1000,
-        interaction_ids=ids,
-        endpoint=endpoint,
-    )
-    response.headers["X-Interaction-Id"] = ",".join(ids)
-    response.headers["X-Served-By"] = resolved.label
-    return resolved, generation, ids
-
-
-async def _failed_on_canary(
-    request: Request, tenant_id: str, resolved: Resolved, exc: BaseException
-) -> None:
-    """A request the canary routed that got no answer counts against its arm (the canary's
-    health check compares the arms' error rates). A client's mistake (a 4xx: too long, over a
-    limit) is not the version's failure, nor is a client that left."""
-    if resolved.canary_arm is None or resolved.canary_version_id is None:
-        return
-    if not isinstance(exc, Exception) or (isinstance(exc, DomainError) and exc.status < 500):
-        return
-    try:
-        with anyio.CancelScope(shield=True):
-            async with request.app.state.sessionmaker() as session:
-                await deployments.record_canary_failure(
-                    session,
-                    tenant_id=tenant_id,
-                    canary_version_id=resolved.canary_version_id,
-                    arm=resolved.canary_arm,
-                )
-    except Exception:  # the request's own error is what its caller must hear, not this one
-        log.warning("could not count a failed request against its canary arm", exc_info=True)
 
 
 class _SlotStreamingResponse(StreamingResponse):
@@ -233,19 +143,12 @@ class _SlotStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()  # its cleanup runs now, not when collected
 
 
-async def _stream(
-    request: Request,
-    endpoint: str,
-    tenant_id: str,
-    resolved: Resolved,
-    gen_request: GenerationRequest,
-    interaction_id: str,
-    pieces: AsyncIterator[Served | str | Generation],
-) -> AsyncIterator[bytes]:
-    started = time.perf_counter()
+async def _events(endpoint: str, streamed: StreamedAnswer) -> AsyncIterator[bytes]:
+    """The answer as OpenAI's server-sent chunks."""
     created = int(time.time())
     chat = endpoint == "chat.completions"
     kind = "chat.completion.chunk" if chat else "text_completion"
+    label = streamed.resolved.label
 
     def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
@@ -256,70 +159,30 @@ async def _stream(
         else:
             choice["text"] = delta or ""
         return {
-            "id": interaction_id,
+            "id": streamed.interaction_id,
             "object": kind,
             "created": created,
-            "model": resolved.label,
+            "model": label,
             "choices": [choice],
-            "interaction_id": interaction_id,
-            "served_by": resolved.label,
+            "interaction_id": streamed.interaction_id,
+            "served_by": label,
         }
 
-    sent: list[str] = []
-    finished: Generation | None = None
-    failed = False
-    try:
+    # Closing this stream (a client that left) closes the gateway's, which records what was sent.
+    async with aclosing(streamed.pieces) as pieces:
         if chat:
             yield sse(chunk(None, None, role=True))
         async for piece in pieces:
-            if isinstance(piece, Served):
-                continue  # already taken by _answer
             if isinstance(piece, Generation):
-                finished = piece
                 yield sse(chunk(None, piece.choices[0].finish_reason))
                 yield sse("[DONE]")
             else:
-                sent.append(piece)
                 yield sse(chunk(piece, None))
-    except Exception as exc:
-        failed = True  # the engine failed: the answer is broken off, and nothing is billed
-        await _failed_on_canary(request, tenant_id, resolved, exc)
-        raise
-    finally:
-        # Also when the client went away mid-answer (this generator is cancelled or closed):
-        # what it was sent was computed, so it is recorded and metered, shielded from the
-        # cancellation. Without the engine's final counts, the prompt is estimated from its
-        # length (~4 characters per token) and each piece counts as one token.
-        if not failed and finished is None:
-            finished = Generation(
-                choices=[Choice("".join(sent), "disconnected", len(sent))],
-                prompt_tokens=math.ceil(_prompt_chars(gen_request) / 4),
-            )
-        if finished is not None:
-            with anyio.CancelScope(shield=True):
-                async with request.app.state.sessionmaker() as session:
-                    await record_answer(
-                        session,
-                        tenant_id=tenant_id,
-                        resolved=resolved,
-                        request=gen_request,
-                        choices=finished.choices,
-                        prompt_tokens=finished.prompt_tokens,
-                        latency_ms=(time.perf_counter() - started) * 1000,
-                        interaction_ids=[interaction_id],
-                        endpoint=endpoint,
-                    )
 
 
-def _prompt_chars(request: GenerationRequest) -> int:
-    if request.messages is None:
-        return len(request.prompt or "")
-    return sum(len(str(m.get("content") or "")) for m in request.messages)
-
-
-def _common(answer: tuple[Resolved, Generation, list[str]]) -> dict[str, Any]:
+def _common(answer: Answer) -> dict[str, Any]:
     """The fields chat and text completions share."""
-    resolved, generation, ids = answer
+    resolved, generation, ids = answer.resolved, answer.generation, answer.interaction_ids
     return {
         "id": ids[0],
         "created": int(time.time()),
@@ -345,25 +208,16 @@ async def chat_completions(
     response: Response,
     session: SessionDep,
     tenant_id: ProductTenantDep,
-    backend: BackendDep,
-    store: StoreDep,
 ) -> ChatCompletion | StreamingResponse:
     """Answer a conversation with the tenant's adapter (``model``: default, base or a version).
     The answer's ``interaction_id`` (also the ``X-Interaction-Id`` header) is what feedback
     rates."""
     out = await _answer(
-        body,
-        endpoint="chat.completions",
-        request=request,
-        response=response,
-        session=session,
-        tenant_id=tenant_id,
-        backend=backend,
-        store=store,
+        body, request=request, response=response, session=session, tenant_id=tenant_id
     )
     if isinstance(out, StreamingResponse):
         return out
-    _, generation, ids = out
+    generation, ids = out.generation, out.interaction_ids
     choices = [
         ChatChoice(
             index=i,
@@ -387,23 +241,14 @@ async def completions(
     response: Response,
     session: SessionDep,
     tenant_id: ProductTenantDep,
-    backend: BackendDep,
-    store: StoreDep,
 ) -> Completion | StreamingResponse:
     """Continue a raw prompt (no chat template)."""
     out = await _answer(
-        body,
-        endpoint="completions",
-        request=request,
-        response=response,
-        session=session,
-        tenant_id=tenant_id,
-        backend=backend,
-        store=store,
+        body, request=request, response=response, session=session, tenant_id=tenant_id
     )
     if isinstance(out, StreamingResponse):
         return out
-    _, generation, ids = out
+    generation, ids = out.generation, out.interaction_ids
     choices = [
         CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, interaction_id=ids[i])
         for i, c in enumerate(generation.choices)

@@ -5,9 +5,9 @@ after how many thumbs?
 This measures the rule on simulated live traffic, not the serving path. The split itself (a
 stable arm per end user, each answer recorded with its arm, thumbs counted per arm) is tested
 through HTTP in ``tests/serving/test_canary.py`` and by the workflow in
-``tests/workflows/test_canary_rollout.py``; its cost per request is ``canary_resolve.py``. A
-bench that has the simulated users rate live model answers through the split is not built.
-The simulated traffic:
+``tests/workflows/test_canary_rollout.py``; its cost per request is ``canary_resolve.py``;
+``canary_live.py`` has the persona's users rate real answers of real versions, through this
+loop. The simulated traffic:
 
 - a tenant's end users (``--users``, 200) each have a leniency of their own (a logit offset,
   normal with sd ``--user-sd``, 1.0) and an activity of their own (log-normal): real thumbs come
@@ -41,6 +41,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,16 +79,23 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def canary(
-    rates: tuple[float, float], args: argparse.Namespace, rule: CanaryRule, seed: int
+Liked = Callable[[int, bool, random.Random], bool]
+"""Whether user ``i`` likes the answer their arm (True: the candidate) gave this request."""
+
+
+def run_canary(
+    liked: Liked,
+    activity: Sequence[float],
+    on_candidate: Sequence[bool],
+    args: argparse.Namespace,
+    rule: CanaryRule,
+    rng: random.Random,
 ) -> Outcome:
-    rng = random.Random(seed)
-    salt = f"canary-{seed}"
-    users = [f"u{i}" for i in range(args.users)]
-    leniency = [rng.gauss(0.0, args.user_sd) for _ in users]
-    activity = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in users))
-    on_candidate = [in_canary(u, args.fraction, salt) for u in users]
-    base = [_logit(r) for r in rates]
+    """One canary: requests from users picked by ``activity`` (cumulative weights), each answered
+    on the user's arm and rated with probability ``args.rate_share`` (one rating in
+    ``1 / args.flip_share`` flipped), the rule asked after every thumb (as the product's run
+    does at each look), until it decides or ``args.max_requests`` requests have come in."""
+    users = range(len(on_candidate))
     up_down = {False: [0, 0], True: [0, 0]}
     per_user: dict[bool, dict[int, list[int]]] = {False: {}, True: {}}
     looks, requests = 0, 0
@@ -104,15 +112,15 @@ def canary(
 
     while requests < args.max_requests:
         requests += 1
-        i = rng.choices(range(len(users)), cum_weights=activity)[0]
+        i = rng.choices(users, cum_weights=activity)[0]
         arm = on_candidate[i]
-        liked = rng.random() < 1 / (1 + math.exp(-(base[arm] + leniency[i])))
+        up = liked(i, arm, rng)
         if rng.random() >= args.rate_share:
             continue
         if rng.random() < args.flip_share:
-            liked = not liked
-        up_down[arm][0 if liked else 1] += 1
-        per_user[arm].setdefault(i, [0, 0])[0 if liked else 1] += 1
+            up = not up
+        up_down[arm][0 if up else 1] += 1
+        per_user[arm].setdefault(i, [0, 0])[0 if up else 1] += 1
         verdict = decide(*arms(), rule, looks_done=looks)
         looks = verdict.looks_done
         if verdict.action != "wait":
@@ -127,12 +135,29 @@ def canary(
     )
 
 
-def _share(outcomes: list[Outcome], action: str) -> str:
+def canary(
+    rates: tuple[float, float], args: argparse.Namespace, rule: CanaryRule, seed: int
+) -> Outcome:
+    rng = random.Random(seed)
+    salt = f"canary-{seed}"
+    users = [f"u{i}" for i in range(args.users)]
+    leniency = [rng.gauss(0.0, args.user_sd) for _ in users]
+    activity = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in users))
+    on_candidate = [in_canary(u, args.fraction, salt) for u in users]
+    base = [_logit(r) for r in rates]
+
+    def liked(i: int, arm: bool, rng: random.Random) -> bool:
+        return rng.random() < 1 / (1 + math.exp(-(base[arm] + leniency[i])))
+
+    return run_canary(liked, activity, on_candidate, args, rule, rng)
+
+
+def share(outcomes: list[Outcome], action: str) -> str:
     est = proportion(sum(o.action == action for o in outcomes), len(outcomes))
     return f"{est.value:.0%} [{est.low:.0%}, {est.high:.0%}]"
 
 
-def _thumbs(outcomes: list[Outcome], action: str) -> str:
+def thumbs_to(outcomes: list[Outcome], action: str) -> str:
     decided = sorted(o.thumbs for o in outcomes if o.action == action)
     if not decided:
         return "-"
@@ -181,11 +206,11 @@ def main() -> None:
         table.add_row(
             name,
             f"{cur:.0%} → {cand:.0%}",
-            _share(outcomes, "promote"),
-            _share(outcomes, "rollback"),
-            _share(outcomes, "expire"),
-            _thumbs(outcomes, "promote"),
-            _thumbs(outcomes, "rollback"),
+            share(outcomes, "promote"),
+            share(outcomes, "rollback"),
+            share(outcomes, "expire"),
+            thumbs_to(outcomes, "promote"),
+            thumbs_to(outcomes, "rollback"),
         )
     console.print(table)
     out: dict[str, Any] = {

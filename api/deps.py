@@ -17,13 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 # costs more than the work they do.
 from api.orchestration import Orchestrator
 from api.rate_limits import Limits
-from core.artifacts import ArtifactStore
 from core.billing import BillingConfig
 from core.errors import PermissionDenied, Unauthenticated
 from core.feedback import FeedbackWriter
 from core.keys import Principal, PrincipalCache, authenticate
 from core.models import KeyRole
-from serving.types import ServingBackend
+from serving.gateway import Gateway
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -115,18 +114,12 @@ async def get_feedback_writer(request: Request) -> FeedbackWriter:
 FeedbackWriterDep = Annotated[FeedbackWriter, Depends(get_feedback_writer)]
 
 
-async def get_backend(request: Request) -> ServingBackend:
-    backend: ServingBackend = request.app.state.backend
-    return backend
+async def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
-async def get_store(request: Request) -> ArtifactStore:
-    store: ArtifactStore = request.app.state.store
-    return store
-
-
-BackendDep = Annotated[ServingBackend, Depends(get_backend)]
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 def orchestrator(request: Request) -> Orchestrator:

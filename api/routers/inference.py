@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import ProductTenantDep, SessionDep
+from api.deps import GatewayDep, ProductTenantDep, SessionDep
 from api.schemas_inference import (
     ChatChoice,
     ChatCompletion,
@@ -104,9 +104,9 @@ async def _answer(
     response: Response,
     session: AsyncSession,
     tenant_id: str,
+    gateway: Gateway,
 ) -> Answer | StreamingResponse:
     ask = _ask(body, request, tenant_id)
-    gateway: Gateway = request.app.state.gateway
     if not body.stream:
         answer = await gateway.answer(session, ask)
         response.headers["X-Interaction-Id"] = ",".join(answer.interaction_ids)
@@ -208,12 +208,18 @@ async def chat_completions(
     response: Response,
     session: SessionDep,
     tenant_id: ProductTenantDep,
+    gateway: GatewayDep,
 ) -> ChatCompletion | StreamingResponse:
     """Answer a conversation with the tenant's adapter (``model``: default, base or a version).
     The answer's ``interaction_id`` (also the ``X-Interaction-Id`` header) is what feedback
     rates."""
     out = await _answer(
-        body, request=request, response=response, session=session, tenant_id=tenant_id
+        body,
+        request=request,
+        response=response,
+        session=session,
+        tenant_id=tenant_id,
+        gateway=gateway,
     )
     if isinstance(out, StreamingResponse):
         return out
@@ -241,10 +247,16 @@ async def completions(
     response: Response,
     session: SessionDep,
     tenant_id: ProductTenantDep,
+    gateway: GatewayDep,
 ) -> Completion | StreamingResponse:
     """Continue a raw prompt (no chat template)."""
     out = await _answer(
-        body, request=request, response=response, session=session, tenant_id=tenant_id
+        body,
+        request=request,
+        response=response,
+        session=session,
+        tenant_id=tenant_id,
+        gateway=gateway,
     )
     if isinstance(out, StreamingResponse):
         return out

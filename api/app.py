@@ -147,8 +147,14 @@ def create_app(
     app.state.feedback_writer = FeedbackWriter(app.state.sessionmaker)
     app.state.backend = engine_backend
     app.state.store = ArtifactStore(settings.data_dir / "artifacts")
-    # Preloads what promotions bring in and unloads what they retire.
-    app.state.placement = AdapterPlacement(engine_backend, app.state.store)
+
+    async def tell_run(tenant_id: str) -> None:
+        async with app.state.sessionmaker() as session:
+            await app.state.orchestrator.deployment_changed(session, tenant_id=tenant_id)
+
+    # Preloads what promotions bring in and unloads what they retire; a change made by hand
+    # reaches the tenant's run watching a canary at once.
+    app.state.placement = AdapterPlacement(engine_backend, app.state.store, on_change=tell_run)
     app.state.billing = BillingConfig.from_settings(settings)
     app.state.stripe = StripeBilling.from_settings(settings)  # None without STRIPE_API_KEY
     app.state.inference_gate = InferenceGate(

@@ -47,6 +47,7 @@ from workflows.contracts import (
     APPROVE_SIGNAL,
     CANARY,
     CPU_QUEUE,
+    DEPLOYMENT_CHANGED_SIGNAL,
     PERSONALIZE_WORKFLOW,
     REJECT_SIGNAL,
     Decision,
@@ -268,6 +269,19 @@ class Orchestrator:
             await handle.cancel()
         except RPCError as exc:  # already finished: nothing to cancel
             if "not found" not in exc.message.lower() and "completed" not in exc.message.lower():
+                raise
+
+    async def deployment_changed(self, session: AsyncSession, *, tenant_id: str) -> None:
+        """An admin changed the tenant's deployment by hand: its run watching a canary (if one
+        is) looks now, and ends as the admin decided. A workflow already ended is no error."""
+        run = await runs.active_run(session, tenant_id=tenant_id)
+        if run is None or (run.progress or {}).get("waiting_for") != CANARY:
+            return
+        handle = await self.handle(run)
+        try:
+            await handle.signal(DEPLOYMENT_CHANGED_SIGNAL)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
 
     async def decide(

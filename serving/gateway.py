@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -96,11 +96,21 @@ class AdapterPlacement:
     failed preload or unload is logged and costs only time or cache space, never the promotion.
 
     ``backend`` None: only the pointers move (a worker with no serving tier it can reach).
+    ``on_change``: called with the tenant, in the background, after a promotion, rollback or
+    canary end made through this object (the API tells the tenant's run watching a canary to
+    look now, instead of at its next look; a failure is logged).
     """
 
-    def __init__(self, backend: ServingBackend | None, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        backend: ServingBackend | None,
+        store: ArtifactStore,
+        *,
+        on_change: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._backend = backend
         self._store = store
+        self._on_change = on_change
         self._default: dict[str, str | None] = {}  # tenant -> serving name (None: base)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -144,6 +154,7 @@ class AdapterPlacement:
             session, tenant_id=tenant_id, version_id=version_id
         )
         self._moved(tenant_id, replaced, version)
+        self._changed(tenant_id)
         return version
 
     async def rollback(self, session: AsyncSession, *, tenant_id: str) -> AdapterVersion | None:
@@ -151,6 +162,7 @@ class AdapterPlacement:
         version misbehaves), then load the version now live and unload the one rolled back."""
         live, replaced = await deployments.rollback_replacing(session, tenant_id=tenant_id)
         self._moved(tenant_id, replaced, live)
+        self._changed(tenant_id)
         if live is not None:
             await self.preload(live)
         return live
@@ -185,17 +197,33 @@ class AdapterPlacement:
             self._moved(tenant_id, replaced, candidate)
         else:
             self.unload_soon(candidate.serving_name)
+        self._changed(tenant_id)
         return candidate
 
     def unload_soon(self, serving_name: str) -> None:
-        if self._backend is None:
-            return
-        task = asyncio.create_task(self._unload(serving_name))
+        if self._backend is not None:
+            self._background(self._unload(serving_name))
+
+    def _changed(self, tenant_id: str) -> None:
+        if self._on_change is not None:
+            self._background(self._tell(self._on_change, tenant_id))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    async def _tell(on_change: Callable[[str], Awaitable[None]], tenant_id: str) -> None:
+        try:
+            await on_change(tenant_id)
+        except Exception:  # the run's next look notices the change anyway
+            log.warning(
+                "could not tell tenant %s's run of a deployment change", tenant_id, exc_info=True
+            )
+
     async def drain(self) -> None:
-        """Wait for the unloads under way (shutdown, tests)."""
+        """Wait for the background work under way: unloads, telling runs (shutdown, tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

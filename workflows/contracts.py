@@ -17,6 +17,9 @@ APPROVE_SIGNAL = "approve"
 """An admin lets a run waiting for approval promote its candidate (payload: ``Decision``)."""
 REJECT_SIGNAL = "reject"
 """An admin turns the candidate down: it is kept ``rejected`` with the reason (``Decision``)."""
+DEPLOYMENT_CHANGED_SIGNAL = "deployment_changed"
+"""An admin promoted, rolled back or ended a canary by hand: a run watching its canary looks now
+rather than at its next look (no payload; the look reads what happened)."""
 STATE_QUERY = "state"
 APPROVAL = "approval"
 """``progress["waiting_for"]`` of a run whose accepted candidate waits for an admin's approve or

@@ -9,6 +9,7 @@ a reason; infrastructure failures are retried by Temporal, and only exhausted re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import fields, replace
 from datetime import timedelta
 from typing import Any
@@ -34,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         APPROVE_SIGNAL,
         CANARY,
         CPU_QUEUE,
+        DEPLOYMENT_CHANGED_SIGNAL,
         GPU_QUEUE,
         PERSONALIZE_WORKFLOW,
         REJECT_SIGNAL,
@@ -82,6 +84,7 @@ NOT_WAITING: dict[str, Any] = {"waiting_for": None, "waiting_until": None}
 class PersonalizeTenant:
     def __init__(self) -> None:
         self._state: RunState | None = None
+        self._deployment_changed = False
 
     @workflow.query(name=STATE_QUERY)
     def state(self) -> RunState | None:
@@ -94,6 +97,11 @@ class PersonalizeTenant:
     @workflow.signal(name=REJECT_SIGNAL)
     def reject(self, decision: Decision) -> None:
         self._answer(decision, approved=False)
+
+    @workflow.signal(name=DEPLOYMENT_CHANGED_SIGNAL)
+    def deployment_changed(self) -> None:
+        """An admin changed the deployment by hand: a canary being watched is looked at now."""
+        self._deployment_changed = True
 
     def _answer(self, decision: Decision, *, approved: bool) -> None:
         """The first answer to a waiting run counts; an early, late or second one is ignored."""
@@ -376,7 +384,15 @@ class PersonalizeTenant:
         while True:
             left = (until - workflow.now()).total_seconds()
             if left > 0:
-                await workflow.sleep(min(poll, left))
+                if workflow.patched("canary-look-on-signal"):
+                    # Woken early by an admin's change (its decision shows in the run at once).
+                    with contextlib.suppress(TimeoutError):
+                        await workflow.wait_condition(
+                            lambda: self._deployment_changed, timeout=min(poll, left)
+                        )
+                    self._deployment_changed = False
+                else:  # a run started before this change replays as it ran
+                    await workflow.sleep(min(poll, left))
             verdict: CanaryVerdict = await self._activity(
                 A.look_at_canary, replace(look, expired=workflow.now() >= until)
             )

@@ -9,13 +9,15 @@ from typing import Any
 
 import httpx
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
+from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from serving import registry
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
-from tests.workflows.conftest import setup_tenant, wait_for_run, wait_until_waiting
+from tests.workflows.conftest import address, setup_tenant, wait_for_run, wait_until_waiting
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -181,3 +183,30 @@ async def test_an_admin_decides_during_the_canary_or_cancels_the_run(
     adapters = (await loop_client.get("/v1/adapters", headers=w.auth("admin"))).json()["data"]
     candidate = next(a for a in adapters if a["id"] == run["adapter_version_id"])
     assert candidate["status"] == "rejected" and "changed by hand" in candidate["reason"]
+
+
+async def test_an_admins_decision_reaches_the_run_at_once_not_at_its_next_look(
+    backend: Backend,
+    temporal: WorkflowEnvironment,
+    make_tenant,  # type: ignore[no-untyped-def]
+) -> None:
+    # Looks an hour apart (bounded by the canary's 6 minutes): only the API's signal can make
+    # the run end within the minute this test waits.
+    settings = backend.settings.model_copy(
+        update={"temporal_address": address(temporal), "canary_poll_s": 3600}
+    )
+    app = create_app(settings, engine=backend.engine)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test", timeout=60
+        ) as c:
+            t = await make_tenant()
+            run = await canary_run(c, t)
+            r = await c.post("/v1/deployment/canary/abort", headers=t.auth("admin"))
+            assert r.status_code == 200, r.text
+            run = await wait_for_run(c, t, run["id"], timeout=60)
+            assert run["status"] == "succeeded" and run["reason"].startswith("not promoted"), run
+            assert "aborted by an admin" in run["reason"], run
+    finally:
+        await app.state.placement.drain()
+        await app.state.backend.close()

@@ -338,17 +338,7 @@ class Gateway:
             release()
         if generation.served_by == FALLBACK:  # record what really answered
             resolved = replace(resolved, version=None, adapter=None, fallback=True)
-        await record_answer(
-            session,
-            tenant_id=ask.tenant_id,
-            resolved=resolved,
-            request=request,
-            choices=generation.choices,
-            prompt_tokens=generation.prompt_tokens,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            interaction_ids=ids,
-            endpoint=ask.endpoint,
-        )
+        await self._record(session, ask, resolved, request, generation, ids, started)
         return Answer(resolved, generation, ids)
 
     async def stream(self, session: AsyncSession, ask: Ask) -> StreamedAnswer:
@@ -437,17 +427,31 @@ class Gateway:
             if finished is not None:
                 with anyio.CancelScope(shield=True):
                     async with self._sessionmaker() as session:
-                        await record_answer(
-                            session,
-                            tenant_id=ask.tenant_id,
-                            resolved=resolved,
-                            request=request,
-                            choices=finished.choices,
-                            prompt_tokens=finished.prompt_tokens,
-                            latency_ms=(time.perf_counter() - started) * 1000,
-                            interaction_ids=[interaction_id],
-                            endpoint=ask.endpoint,
+                        await self._record(
+                            session, ask, resolved, request, finished, [interaction_id], started
                         )
+
+    @staticmethod
+    async def _record(
+        session: AsyncSession,
+        ask: Ask,
+        resolved: Resolved,
+        request: GenerationRequest,
+        generation: Generation,
+        interaction_ids: list[str],
+        started: float,
+    ) -> None:
+        await record_answer(
+            session,
+            tenant_id=ask.tenant_id,
+            resolved=resolved,
+            request=request,
+            choices=generation.choices,
+            prompt_tokens=generation.prompt_tokens,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            interaction_ids=interaction_ids,
+            endpoint=ask.endpoint,
+        )
 
     async def _failed_on_canary(
         self, tenant_id: str, resolved: Resolved, exc: BaseException

@@ -152,6 +152,15 @@ def canary(
     return run_canary(liked, activity, on_candidate, args, rule, rng)
 
 
+def add_traffic_arguments(parser: argparse.ArgumentParser) -> None:
+    """The canary's traffic, as :func:`run_canary` reads it."""
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--fraction", type=float, default=0.2, help="users on the candidate")
+    parser.add_argument("--rate-share", type=float, default=0.5)
+    parser.add_argument("--flip-share", type=float, default=0.1)
+    parser.add_argument("--max-requests", type=int, default=8000)
+
+
 def share(outcomes: list[Outcome], action: str) -> str:
     est = proportion(sum(o.action == action for o in outcomes), len(outcomes))
     return f"{est.value:.0%} [{est.low:.0%}, {est.high:.0%}]"
@@ -168,12 +177,8 @@ def thumbs_to(outcomes: list[Outcome], action: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=200, help="canaries per scenario (>= 20)")
-    parser.add_argument("--users", type=int, default=200)
+    add_traffic_arguments(parser)
     parser.add_argument("--user-sd", type=float, default=1.0, help="users' leniency, in logits")
-    parser.add_argument("--fraction", type=float, default=0.2)
-    parser.add_argument("--rate-share", type=float, default=0.5)
-    parser.add_argument("--flip-share", type=float, default=0.1)
-    parser.add_argument("--max-requests", type=int, default=8000)
     parser.add_argument(
         "--independent",
         dest="cluster_robust",

@@ -59,7 +59,7 @@ from core.keys import create_key
 from core.models import KeyRole
 from core.settings import ApiSettings
 from serving import registry
-from tests.bench.canary import Outcome, run_canary, share, thumbs_to
+from tests.bench.canary import Outcome, add_traffic_arguments, run_canary, share, thumbs_to
 from trainer.simulated_users import get_persona, question_pool
 from trainer.stats import proportion
 from tuneloop.runtime import ensure_schema
@@ -156,7 +156,7 @@ async def live_answers(
             total = len(models) * len(questions) * args.samples
             started = time.monotonic()
 
-            async def ask(model: str, question: str, sample: int) -> str:
+            async def ask(model: str, question: str) -> str:
                 async with gate:
                     r = await http.post(
                         "/v1/chat/completions",
@@ -165,20 +165,20 @@ async def live_answers(
                             "model": model,
                             "messages": [{"role": "user", "content": question}],
                             "max_tokens": args.max_tokens,
+                            # No seed: the local tier runs a seeded request alone, unbatched.
                             "temperature": args.temperature,
-                            "seed": sample,
                         },
                     )
                 r.raise_for_status()
                 n = next(done)
                 if n % 100 == 0 or n == total:
-                    console.print(f"  {n}/{total} answers, {time.monotonic() - started:.0f} s")
+                    print(f"  {n}/{total} answers, {time.monotonic() - started:.0f} s", flush=True)
                 return str(r.json()["choices"][0]["message"]["content"] or "")
 
             answers: dict[str, dict[str, list[str]]] = {}
             for name, model in models.items():
                 got = await asyncio.gather(
-                    *(ask(model, q, k) for q in questions for k in range(args.samples))
+                    *(ask(model, q) for q in questions for _ in range(args.samples))
                 )
                 answers[name] = {
                     q: got[i * args.samples : (i + 1) * args.samples]
@@ -230,11 +230,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seeds", type=int, default=20, help="canaries per scenario (>= 20)")
-    parser.add_argument("--users", type=int, default=200)
-    parser.add_argument("--fraction", type=float, default=0.2)
-    parser.add_argument("--rate-share", type=float, default=0.5)
-    parser.add_argument("--flip-share", type=float, default=0.1)
-    parser.add_argument("--max-requests", type=int, default=8000)
+    add_traffic_arguments(parser)
     args = parser.parse_args()
     args.cluster_robust = True  # as the product counts thumbs
     if args.seeds < 20:

@@ -168,7 +168,7 @@ class Orchestrator:
                 raise Unavailable("a run for this tenant is starting; retry in a moment") from None
             return running, False
         except RPCError as exc:
-            run.status, run.reason = RunStatus.failed, f"could not start: {exc.message}"
+            runs.finish(run, RunStatus.failed, f"could not start: {exc.message}")
             await session.commit()
             raise Unavailable(f"Temporal refused the run: {exc.message}") from exc
         return run, True

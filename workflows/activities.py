@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
-from datetime import UTC, datetime
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from core import deployments, runs
 from core.artifacts import ArtifactStore
 from core.billing import BillingConfig
 from core.canary import CanaryRule, Verdict, decide
-from core.errors import BillingSuspended, BudgetExceeded, Conflict, TenantSuspended
+from core.errors import BillingSuspended, BudgetExceeded, Conflict, NotFound, TenantSuspended
 from core.ids import new_id
 from core.models import (
     AdapterStatus,
@@ -34,7 +32,6 @@ from core.models import (
     Deployment,
     Feedback,
     Interaction,
-    RunEvent,
     RunStatus,
     TrainingRun,
 )
@@ -94,31 +91,10 @@ _CONCLUDED = {
 
 async def _apply_update(session: AsyncSession, upd: RunUpdate) -> None:
     """``upd`` applied to its run (uncommitted)."""
-    run = await session.get(TrainingRun, upd.run_id)
-    if run is None or run.tenant_id != upd.tenant_id:
-        raise ApplicationError(f"no run {upd.run_id}", non_retryable=True)
-    if upd.status is not None:
-        run.status = RunStatus(upd.status)
-        if run.status in (
-            RunStatus.succeeded,
-            RunStatus.failed,
-            RunStatus.cancelled,
-            RunStatus.skipped,
-        ):
-            run.finished_at = _now()
-    if upd.reason is not None:
-        run.reason = upd.reason
-    if upd.dataset_id is not None:
-        run.dataset_id = upd.dataset_id
-    if upd.version_id is not None:
-        run.adapter_version_id = upd.version_id
-    if upd.method is not None:
-        run.method = upd.method
-    if upd.progress is not None:
-        merged = {**(run.progress or {}), **upd.progress}
-        run.progress = {k: v for k, v in merged.items() if v is not None}
-    if upd.message:
-        session.add(_event(run, upd.level, "message", upd.message, upd.data))
+    try:
+        await runs.update(session, **asdict(upd))
+    except NotFound as exc:
+        raise ApplicationError(exc.message, non_retryable=True) from None
 
 
 def _business_error(exc: trainer.TrainerError, kind: str) -> ApplicationError:
@@ -175,29 +151,18 @@ class PersonalizationActivities:
                 session.add(run)
                 await session.flush()
             if run.status is RunStatus.queued:
-                other = await runs.active_run(session, tenant_id=inp.tenant_id, other_than=run.id)
-                if other is not None:
-                    reason = f"run {other.id} is in progress for this tenant"
-                    run.status, run.reason, run.finished_at = RunStatus.skipped, reason, _now()
-                    session.add(_event(run, "info", "message", f"run skipped: {reason}", None))
-                    await session.commit()
-                    raise ApplicationError(reason, run.id, type=RUN_IN_PROGRESS, non_retryable=True)
                 # Scheduled runs reach no API check (where a suspended tenant's keys are
-                # refused): suspension and billing are enforced here for every run.
+                # refused): the slot, suspension and billing are enforced here for every run.
                 try:
-                    await runs.check_may_train(
-                        session, tenant_id=inp.tenant_id, billing=self.billing
-                    )
+                    await runs.begin(session, run, trigger=inp.trigger, billing=self.billing)
+                except runs.AnotherRunActive as exc:
+                    raise ApplicationError(
+                        exc.message, run.id, type=RUN_IN_PROGRESS, non_retryable=True
+                    ) from None
                 except (TenantSuspended, BillingSuspended, BudgetExceeded) as exc:
-                    run.status, run.reason, run.finished_at = RunStatus.skipped, exc.message, _now()
-                    session.add(_event(run, "warn", "message", f"run skipped: {exc.message}", None))
-                    await session.commit()
                     raise ApplicationError(
                         exc.message, run.id, type=BILLING_REFUSED, non_retryable=True
                     ) from None
-                run.status = RunStatus.running
-                run.started_at = _now()
-                session.add(_event(run, "info", "message", "run started", {"trigger": inp.trigger}))
             await session.commit()
             return run.id
 
@@ -217,12 +182,8 @@ class PersonalizationActivities:
             "elapsed_s": round(p.elapsed_s, 1),
         }
         async with self.sessionmaker() as session:
-            run = await session.get(TrainingRun, run_id)
-            if run is None:
-                return
-            run.progress = {k: v for k, v in data.items() if _finite(v)}
-            session.add(
-                _event(run, "info", "metrics", f"step {p.step}/{p.total_steps}", run.progress)
+            await runs.record_progress(
+                session, run_id=run_id, progress=data, message=f"step {p.step}/{p.total_steps}"
             )
             await session.commit()
 
@@ -566,20 +527,6 @@ class PersonalizationActivities:
     def cleanup_run(self, tenant_id: str, run_id: str) -> None:
         """Drop checkpoints once the adapter is in the store; the dataset stays (data card)."""
         shutil.rmtree(self.run_dir(tenant_id, run_id) / "train" / "checkpoints", ignore_errors=True)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _finite(v: Any) -> bool:
-    return not isinstance(v, float) or math.isfinite(v)
-
-
-def _event(run: TrainingRun, level: str, type_: str, message: str, data: Any) -> RunEvent:
-    return RunEvent(
-        tenant_id=run.tenant_id, run_id=run.id, level=level, type=type_, message=message, data=data
-    )
 
 
 def _size(messages: Sequence[Mapping[str, str]]) -> int:

@@ -21,10 +21,11 @@ Two phases:
 
 Generating every request of every canary live would take hours per seed on these CPUs (a canary
 needs hundreds to thousands of requests); the answers are live, the traffic is replayed over
-them. Scenarios: **better** (current base, candidate the trained adapter), **equal** (current
-base, candidate the zero adapter: the same answers' distribution), **worse** (current the trained
-adapter, candidate the zero adapter). The table gives each arm's liked share over the answers it
-drew from (the real gap between the versions, with its interval) beside the decisions.
+them. The answers of ``base`` and the zero adapter, one distribution, are pooled into one
+"base-like" arm (see ``BASE_LIKE``). Scenarios: **better** (current base-like, candidate the
+trained adapter), **equal** (base-like on both arms), **worse** (current the trained adapter,
+candidate base-like). The table gives each arm's share of live answers the typical user likes
+(n: the answers, each judged once) beside the decisions, and each version's share above it.
 Run on purpose, not in the suite::
 
     .venv/bin/python -m tests.bench.canary_live                  # 20 seeds per scenario
@@ -60,8 +61,8 @@ from core.models import KeyRole
 from core.settings import ApiSettings
 from serving import registry
 from tests.bench.canary import Outcome, add_traffic_arguments, run_canary, share, thumbs_to
-from trainer.simulated_users import get_persona, question_pool
-from trainer.stats import proportion
+from trainer.simulated_users import Persona, get_persona, question_pool
+from trainer.stats import Estimate, proportion
 from tuneloop.runtime import ensure_schema
 from tuneloop.simulation import split_questions
 
@@ -69,12 +70,17 @@ RESULTS = Path(__file__).parent / "results"
 BASE = "base"
 TRAINED = "trained"
 SAME_AS_BASE = "same-as-base"
-SCENARIOS: dict[str, tuple[str, str]] = {
-    "better": (BASE, TRAINED),
-    "equal": (BASE, SAME_AS_BASE),
-    "worse": (TRAINED, SAME_AS_BASE),
+BASE_LIKE = (BASE, SAME_AS_BASE)
+"""Two versions with one distribution of answers (a zero LoRA adds nothing): their live answers
+are pooled, so that "equal" arms are equal in the replay too. Kept apart, each version's few
+hundred answers would differ by sampling alone (by 2 points here), and a canary replaying them
+thousands of times would be comparing that accident, not the versions."""
+SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "better": (BASE_LIKE, (TRAINED,)),
+    "equal": (BASE_LIKE, BASE_LIKE),
+    "worse": ((TRAINED,), BASE_LIKE),
 }
-"""Scenario: (current version, candidate version)."""
+"""Scenario: (the current arm's versions, the candidate arm's), answers pooled per arm."""
 
 
 def newest_bench_adapter(data_dir: Path) -> Path:
@@ -190,31 +196,44 @@ async def live_answers(
         await engine.dispose()
 
 
+def pooled(
+    answers: dict[str, dict[str, list[str]]], versions: tuple[str, ...]
+) -> dict[str, list[str]]:
+    """Each question's live answers from ``versions``, together."""
+    return {q: [a for v in versions for a in answers[v][q]] for q in answers[versions[0]]}
+
+
+def liked_share(persona: Persona, arm: dict[str, list[str]]) -> Estimate:
+    """How many of the arm's live answers the persona's typical user likes (n: answers, each
+    judged once; a replay draws them many times, which adds no evidence)."""
+    judged = [persona.likes(a, q) for q, got in arm.items() for a in got]
+    return proportion(sum(judged), len(judged))
+
+
+def _pct(e: Estimate) -> str:
+    return f"{e.value:.1%} [{e.low:.1%}, {e.high:.1%}] (n={e.n})"
+
+
 def live_canary(
-    answers: dict[str, dict[str, list[str]]],
-    versions: tuple[str, str],
+    arms: tuple[dict[str, list[str]], dict[str, list[str]]],
     args: argparse.Namespace,
     rule: CanaryRule,
     seed: int,
-) -> tuple[Outcome, list[list[int]]]:
-    """One canary over the live answers; also each arm's [liked, answers drawn]."""
+) -> Outcome:
+    """One canary, each request answered with one of its arm's live answers."""
     persona = get_persona(args.persona)
     rng = random.Random(seed)
     users = persona.users(args.users, rng, prefix=f"u{seed}")
     activity = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in users))
     on_candidate = [in_canary(u.user_id, args.fraction, f"canary-{seed}") for u in users]
-    questions = sorted(answers[versions[0]])
-    drawn = [[0, 0], [0, 0]]
+    questions = sorted(arms[0])
 
     def liked(i: int, arm: bool, rng: random.Random) -> bool:
         question = rng.choice(questions)
-        answer = rng.choice(answers[versions[arm]][question])
-        up = persona.likes(answer, question, threshold=users[i].threshold)
-        drawn[arm][0] += up
-        drawn[arm][1] += 1
-        return up
+        answer = rng.choice(arms[arm][question])
+        return persona.likes(answer, question, threshold=users[i].threshold)
 
-    return run_canary(liked, activity, on_candidate, args, rule, rng), drawn
+    return run_canary(liked, activity, on_candidate, args, rule, rng)
 
 
 def main() -> None:
@@ -256,16 +275,21 @@ def main() -> None:
         answers = asyncio.run(live_answers(args, path, questions, console))
     answer_s = time.monotonic() - started
     rule = CanaryRule()
+    persona = get_persona(args.persona)
     results: dict[str, list[Outcome]] = {}
-    drawn: dict[str, list[list[int]]] = {}
+    liked: dict[str, list[Estimate]] = {}
     for name, versions in SCENARIOS.items():
-        results[name], drawn[name] = [], [[0, 0], [0, 0]]
-        for seed in range(args.seeds):
-            outcome, counts = live_canary(answers, versions, args, rule, seed)
-            results[name].append(outcome)
-            for arm in (0, 1):
-                drawn[name][arm][0] += counts[arm][0]
-                drawn[name][arm][1] += counts[arm][1]
+        arms = (pooled(answers, versions[0]), pooled(answers, versions[1]))
+        liked[name] = [liked_share(persona, arm) for arm in arms]
+        results[name] = [live_canary(arms, args, rule, seed) for seed in range(args.seeds)]
+    by_version = {v: liked_share(persona, pooled(answers, (v,))) for v in answers}
+    console.print(
+        "liked by the typical user, per version: "
+        + "; ".join(
+            f"{v} {e.value:.1%} [{e.low:.1%}, {e.high:.1%}] (n={e.n})"
+            for v, e in by_version.items()
+        )
+    )
     table = Table(
         title=f"live canary ({args.persona} users), {args.seeds} seeds each: share of canaries "
         "[95 % CI]; thumbs (both arms) to decision, median [p10, p90]"
@@ -284,14 +308,10 @@ def main() -> None:
         table.add_column(col)
     out_scenarios: dict[str, Any] = {}
     for name, outcomes in results.items():
-        liked = [proportion(up, n) for up, n in drawn[name]]
         table.add_row(
             name,
-            " → ".join(SCENARIOS[name]),
-            *(
-                f"{e.value:.1%} [{e.low:.1%}, {e.high:.1%}] (n={n})"
-                for e, (_, n) in zip(liked, drawn[name], strict=True)
-            ),
+            " → ".join("+".join(v) for v in SCENARIOS[name]),
+            *(_pct(e) for e in liked[name]),
             share(outcomes, "promote"),
             share(outcomes, "rollback"),
             share(outcomes, "expire"),
@@ -300,7 +320,7 @@ def main() -> None:
         )
         out_scenarios[name] = {
             "versions": SCENARIOS[name],
-            "liked_drawn": {"current": liked[0].to_dict(), "candidate": liked[1].to_dict()},
+            "liked": {"current": liked[name][0].to_dict(), "candidate": liked[name][1].to_dict()},
             "outcomes": [asdict(o) for o in outcomes],
             **{
                 a: proportion(sum(o.action == a for o in outcomes), len(outcomes)).to_dict()
@@ -328,6 +348,7 @@ def main() -> None:
                 "candidate": candidate,
                 "rule": asdict(rule),
                 "answers_s": round(answer_s, 1),
+                "liked_by_version": {v: e.to_dict() for v, e in by_version.items()},
                 "scenarios": out_scenarios,
             },
             indent=2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -40,21 +41,31 @@ async def worker(backend: Backend, temporal: WorkflowEnvironment) -> AsyncIterat
     await task
 
 
-@pytest.fixture(scope="session")
-async def loop_client(
-    backend: Backend, temporal: WorkflowEnvironment, worker: None
+@asynccontextmanager
+async def api_client(
+    backend: Backend, temporal: WorkflowEnvironment, *, canary_poll_s: float
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An API client whose runs go to the test Temporal server and worker (a live canary looks
-    at its thumbs every half second)."""
+    """An API client whose runs go to the test Temporal server and worker, a live canary looked
+    at every ``canary_poll_s`` seconds."""
     settings = backend.settings.model_copy(
-        update={"temporal_address": address(temporal), "canary_poll_s": 0.5}
+        update={"temporal_address": address(temporal), "canary_poll_s": canary_poll_s}
     )
     app = create_app(settings, engine=backend.engine)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test", timeout=60
     ) as c:
         yield c
+    await app.state.placement.drain()
     await app.state.backend.close()
+
+
+@pytest.fixture(scope="session")
+async def loop_client(
+    backend: Backend, temporal: WorkflowEnvironment, worker: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API on the test Temporal server and worker; a live canary looks every half second."""
+    async with api_client(backend, temporal, canary_poll_s=0.5) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

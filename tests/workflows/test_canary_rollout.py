@@ -12,13 +12,12 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from api.app import create_app
 from core.artifacts import ArtifactStore
 from core.db import create_sessionmaker
 from serving import registry
 from tests.conftest import Backend, TenantKeys
 from tests.serving.adapters import make_adapter
-from tests.workflows.conftest import address, setup_tenant, wait_for_run, wait_until_waiting
+from tests.workflows.conftest import api_client, setup_tenant, wait_for_run, wait_until_waiting
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -40,16 +39,8 @@ async def slow_look_client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An API client whose runs look at their canary an hour apart (bounded by the canary's 6
     minutes): a run that ends within a test's minute was told by the API, not by its timer."""
-    settings = backend.settings.model_copy(
-        update={"temporal_address": address(temporal), "canary_poll_s": 3600}
-    )
-    app = create_app(settings, engine=backend.engine)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://tuneloop.test", timeout=60
-    ) as c:
+    async with api_client(backend, temporal, canary_poll_s=3600) as c:
         yield c
-    await app.state.placement.drain()
-    await app.state.backend.close()
 
 
 async def canary_run(

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import anyio
@@ -37,48 +37,9 @@ from serving.types import (
     ServingBackend,
 )
 
-__all__ = ["AdapterPlacement", "Answer", "Ask", "Gateway", "StreamedAnswer", "record_answer"]
+__all__ = ["AdapterPlacement", "Answer", "Ask", "Gateway", "StreamedAnswer"]
 
 log = logging.getLogger(__name__)
-
-
-async def record_answer(
-    session: AsyncSession,
-    *,
-    tenant_id: str,
-    resolved: Resolved,
-    request: GenerationRequest,
-    choices: list[Choice],
-    prompt_tokens: int,
-    latency_ms: float,
-    interaction_ids: list[str],
-    endpoint: str,
-) -> None:
-    """``core.interactions.record_answer`` for a request as the serving tier saw it: a text
-    completion's prompt is kept as one user message, and its sampling settings beside it."""
-    messages: list[dict[str, Any]] = (
-        [dict(m) for m in request.messages]
-        if request.messages is not None
-        else [{"role": "user", "content": request.prompt or ""}]
-    )
-    sampling = {
-        k: v
-        for k, v in asdict(request).items()
-        if k not in ("adapter", "messages", "prompt", "fallback_to_base")
-    }
-    await interactions.record_answer(
-        session,
-        tenant_id=tenant_id,
-        version_id=resolved.version.id if resolved.version else None,
-        model=resolved.label,
-        canary_arm=resolved.canary_arm,
-        messages=messages,
-        sampling={**sampling, "endpoint": endpoint},
-        choices=choices,
-        prompt_tokens=prompt_tokens,
-        latency_ms=latency_ms,
-        interaction_ids=interaction_ids,
-    )
 
 
 class AdapterPlacement:
@@ -338,7 +299,7 @@ class Gateway:
             release()
         if generation.served_by == FALLBACK:  # record what really answered
             resolved = replace(resolved, version=None, adapter=None, fallback=True)
-        await self._record(session, ask, resolved, request, generation, ids, started)
+        await _record(session, ask, resolved, request, generation, ids, started)
         return Answer(resolved, generation, ids)
 
     async def stream(self, session: AsyncSession, ask: Ask) -> StreamedAnswer:
@@ -427,31 +388,9 @@ class Gateway:
             if finished is not None:
                 with anyio.CancelScope(shield=True):
                     async with self._sessionmaker() as session:
-                        await self._record(
+                        await _record(
                             session, ask, resolved, request, finished, [interaction_id], started
                         )
-
-    @staticmethod
-    async def _record(
-        session: AsyncSession,
-        ask: Ask,
-        resolved: Resolved,
-        request: GenerationRequest,
-        generation: Generation,
-        interaction_ids: list[str],
-        started: float,
-    ) -> None:
-        await record_answer(
-            session,
-            tenant_id=ask.tenant_id,
-            resolved=resolved,
-            request=request,
-            choices=generation.choices,
-            prompt_tokens=generation.prompt_tokens,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            interaction_ids=interaction_ids,
-            endpoint=ask.endpoint,
-        )
 
     async def _failed_on_canary(
         self, tenant_id: str, resolved: Resolved, exc: BaseException
@@ -474,6 +413,43 @@ class Gateway:
                     )
         except Exception:  # the request's own error is what its caller must hear, not this one
             log.warning("could not count a failed request against its canary arm", exc_info=True)
+
+
+async def _record(
+    session: AsyncSession,
+    ask: Ask,
+    resolved: Resolved,
+    request: GenerationRequest,
+    generation: Generation,
+    interaction_ids: list[str],
+    started: float,
+) -> None:
+    """The answer as ``interactions`` rows and its tokens metered: a text completion's prompt is
+    kept as one user message, and the sampling settings beside it."""
+    messages: list[dict[str, Any]] = (
+        [dict(m) for m in request.messages]
+        if request.messages is not None
+        else [{"role": "user", "content": request.prompt or ""}]
+    )
+    # fields(), not asdict(): asdict deep-copies the messages only for them to be dropped.
+    sampling = {
+        f.name: getattr(request, f.name)
+        for f in fields(request)
+        if f.name not in ("adapter", "messages", "prompt", "fallback_to_base")
+    }
+    await interactions.record_answer(
+        session,
+        tenant_id=ask.tenant_id,
+        version_id=resolved.version.id if resolved.version else None,
+        model=resolved.label,
+        canary_arm=resolved.canary_arm,
+        messages=messages,
+        sampling={**sampling, "endpoint": ask.endpoint},
+        choices=generation.choices,
+        prompt_tokens=generation.prompt_tokens,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        interaction_ids=interaction_ids,
+    )
 
 
 def _prompt_chars(request: GenerationRequest) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import runs
 from core.billing import BillingConfig
@@ -14,7 +15,7 @@ from core.models import RunEvent, RunStatus, Tenant, TenantStatus, TrainingRun
 from tests.conftest import Backend, TenantKeys
 
 
-async def _events(session, run_id: str) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+async def _events(session: AsyncSession, run_id: str) -> list[tuple[str, str, str]]:
     rows = await session.scalars(
         select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id)
     )

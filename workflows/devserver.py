@@ -30,7 +30,7 @@ def temporal_binary() -> str:
 def start_dev_server(
     *, port: int, ui_port: int | None, db_file: Path | None, log_file: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``temporal server start-dev`` on 127.0.0.1 and wait until it accepts connections."""
+    """Start ``temporal server start-dev`` on 127.0.0.1 and wait until it answers workflow calls."""
     args = [
         temporal_binary(),
         "server",
@@ -55,13 +55,43 @@ def start_dev_server(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the Temporal dev server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        if _listening(port) and _frontend_ready(port):
             return proc
-        except OSError:
-            time.sleep(0.1)
+        time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the Temporal dev server did not start within 60 s")
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _frontend_ready(port: int) -> bool:
+    """Whether the frontend serves workflow calls and knows the default namespace.
+
+    The port opens before the frontend marks itself healthy; until then every workflow-service
+    call, a client's connect included, fails "Frontend is not healthy yet" (seen in CI right after
+    a restart on a loaded machine). The gRPC health check is not a proof: the frontend's health
+    gate does not cover it. Describing the namespace is a workflow-service call, so it does.
+    """
+    probe = [
+        temporal_binary(),
+        "operator",
+        "namespace",
+        "describe",
+        "--namespace",
+        "default",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--command-timeout",  # a listener that never answers gRPC would hold the CLI for ~8 s
+        "5s",
+    ]
+    done = subprocess.run(probe, capture_output=True, timeout=30, check=False)  # noqa: S603 (our args)
+    return done.returncode == 0
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

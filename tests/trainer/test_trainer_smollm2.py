@@ -2,7 +2,7 @@
 and the capability guard refusing reward-hacking adapters (DPO on liked non-answers, GRPO on a
 judge that pays for brevity).
 
-Slow (about five minutes on 2 CPU cores); it runs in CI, skip locally with ``-m 'not slow'``.
+Slow (about four minutes on 2 CPU cores); it runs in CI, skip locally with ``-m 'not slow'``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_a_reward_hacking_adapter_fails_the_capability_guard(
             output_dir=tmp_path,
             data_dir=smol_data_dir,
             method="dpo",
-            max_steps=12,
+            max_steps=8,  # measured: 6 steps already take the pass rate from 33 % to 4 %
             batch_size=4,
             max_length=128,
             rank=8,
@@ -167,9 +167,11 @@ def test_a_grpo_candidate_that_hacked_its_reward_is_refused(
             output_dir=tmp_path,
             data_dir=smol_data_dir,
             method="grpo",
-            max_steps=10,
-            batch_size=8,
-            max_completion_length=32,
+            # Measured: the mean reward climbs from -12 words to -1 within these 6 steps of 4
+            # questions (x 4 answers each, 16 tokens); 10 steps of 8 at 32 tokens took 3 minutes.
+            max_steps=6,
+            batch_size=4,
+            max_completion_length=16,
             rank=8,
             learning_rate=2e-3,
             answer_check_weight=0.0,
@@ -191,6 +193,6 @@ def test_a_grpo_candidate_that_hacked_its_reward_is_refused(
         max_regression_prompts=4,
     )
     decision = gate(report, GatePolicy())
-    # Measured: capability 33 % -> 0 % on 24 tasks, regression KL 16 nats.
+    # Measured: capability 33 % -> 0 % on 24 tasks, regression KL 5 nats.
     assert report.capability_drop is not None and report.capability_drop > 0.1, report.to_dict()
     assert decision.checks["capability"] is False and not decision.promote

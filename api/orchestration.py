@@ -347,13 +347,9 @@ async def save_policy(
 ) -> None:
     """Store a tenant's policy (API and dashboard): its Temporal Schedule follows, and this
     process's inference gate forgets the old one at once (others within the memo's ttl)."""
-    tenant = await session.get(Tenant, tenant_id)
-    assert tenant is not None
-    old = policy_of(tenant.policy)
-    if policy.schedule is not None or old.schedule is not None:
-        orch: Orchestrator = request.app.state.orchestrator
-        await orch.sync_schedule(tenant_id, policy)
-    tenant.policy = policy.model_dump()
-    await session.commit()
+    orch: Orchestrator = request.app.state.orchestrator
+    await runs.save_policy(
+        session, tenant_id=tenant_id, policy=policy, sync_schedule=orch.sync_schedule
+    )
     gate: InferenceGate = request.app.state.inference_gate
     gate.forget(tenant_id)

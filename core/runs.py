@@ -2,11 +2,13 @@
 and a run's life in the database (it begins, moves, logs its events, finishes).
 
 Written once for every place a run is touched: the API (a person, or auto-start, asks for one)
-and the workflow's activities (every run, scheduled ones included, which reach no API check)."""
+and the workflow's activities (every run, scheduled ones included, which reach no API check).
+The tenant's training policy, which says how its runs go and when they start, is saved here too."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -21,6 +23,7 @@ from core.errors import (
     TenantSuspended,
 )
 from core.models import RunEvent, RunStatus, Tenant, TenantStatus, TrainingRun, utcnow
+from core.policy import TrainingPolicy, policy_of
 
 ACTIVE = (RunStatus.queued, RunStatus.running)
 """A run in one of these holds the tenant's one slot: no other run starts beside it."""
@@ -172,3 +175,23 @@ def log_event(
             data=data,
         )
     )
+
+
+async def save_policy(
+    session: AsyncSession,
+    *,
+    tenant_id: str,
+    policy: TrainingPolicy,
+    sync_schedule: Callable[[str, TrainingPolicy], Awaitable[None]],
+) -> None:
+    """Store a tenant's training policy. ``sync_schedule`` (the orchestrator's: it creates,
+    updates or deletes the tenant's Temporal Schedule) runs first, and only when the old or the
+    new policy has a schedule: should Temporal refuse, the stored policy stays as it was, never
+    naming a schedule that does not exist."""
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id!r}")
+    if policy.schedule is not None or policy_of(tenant.policy).schedule is not None:
+        await sync_schedule(tenant_id, policy)
+    tenant.policy = policy.model_dump()
+    await session.commit()

@@ -12,6 +12,7 @@ from core.billing import BillingConfig
 from core.db import create_sessionmaker
 from core.errors import NotFound, TenantSuspended
 from core.models import RunEvent, RunStatus, Tenant, TenantStatus, TrainingRun
+from core.policy import TrainingPolicy, policy_of
 from tests.conftest import Backend, TenantKeys
 
 
@@ -97,3 +98,50 @@ async def test_updates_merge_progress_and_finish_once(
         await s.commit()
         assert run.progress == {"step": 2}  # JSON has no NaN
         assert (await _events(s, run.id))[-1] == ("info", "metrics", "step 2/4")
+
+
+async def test_a_policy_is_saved_after_its_schedule_and_not_when_the_schedule_fails(
+    backend: Backend, tenant: TenantKeys
+) -> None:
+    synced: list[tuple[str, str | None]] = []
+
+    async def sync(tenant_id: str, policy: TrainingPolicy) -> None:
+        synced.append((tenant_id, policy.schedule))
+
+    async def refuse(tenant_id: str, policy: TrainingPolicy) -> None:
+        raise RuntimeError("Temporal is down")
+
+    async def stored(s: AsyncSession) -> TrainingPolicy:
+        row = await s.get(Tenant, tenant.id)
+        assert row is not None
+        await s.refresh(row)
+        return policy_of(row.policy)
+
+    async with create_sessionmaker(backend.engine)() as s:
+        # No schedule before or after: Temporal is not asked.
+        await runs.save_policy(
+            s, tenant_id=tenant.id, policy=TrainingPolicy(max_steps=7), sync_schedule=sync
+        )
+        assert synced == [] and (await stored(s)).max_steps == 7
+
+        nightly = TrainingPolicy(schedule="0 3 * * *")
+        await runs.save_policy(s, tenant_id=tenant.id, policy=nightly, sync_schedule=sync)
+        assert synced == [(tenant.id, "0 3 * * *")]
+        assert (await stored(s)).schedule == "0 3 * * *"
+
+        # Temporal refuses the change: the stored policy still names the schedule it has.
+        with pytest.raises(RuntimeError, match="Temporal is down"):
+            await runs.save_policy(
+                s, tenant_id=tenant.id, policy=TrainingPolicy(), sync_schedule=refuse
+            )
+        await s.rollback()
+        assert (await stored(s)).schedule == "0 3 * * *"
+
+        # Clearing the schedule is synced too (the Temporal Schedule is deleted).
+        await runs.save_policy(s, tenant_id=tenant.id, policy=TrainingPolicy(), sync_schedule=sync)
+        assert synced[-1] == (tenant.id, None) and (await stored(s)).schedule is None
+
+        with pytest.raises(NotFound):
+            await runs.save_policy(
+                s, tenant_id="t-missing", policy=TrainingPolicy(), sync_schedule=sync
+            )

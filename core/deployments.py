@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import ColumnElement, Integer, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION, Arm, design_effect, p_better
@@ -216,6 +216,17 @@ def _arm_of(counts: Sequence[tuple[int, int]]) -> Arm:
     )
 
 
+def _own_answers(deployment: Deployment) -> ColumnElement[bool]:
+    """Answers their arm's version gave. A fallback's answer (the base model standing in for a
+    version that failed; it has no version) is not one: its thumbs judge base, not the arm, whose
+    failure counts as an error instead. When base is live, the current arm's answers have no
+    version either, and are its own."""
+    by_a_version = Interaction.adapter_version_id.is_not(None)
+    if deployment.version_id is None:
+        return by_a_version | (Interaction.canary_arm == CURRENT)
+    return by_a_version
+
+
 async def _arm(
     session: AsyncSession, deployment: Deployment, arm: str, *, latency: bool = False
 ) -> Arm:
@@ -234,7 +245,7 @@ async def _arm(
             )
             .select_from(Feedback)
             .join(Interaction, Interaction.id == Feedback.interaction_id)
-            .where(answers, Feedback.tenant_id == deployment.tenant_id)
+            .where(answers, _own_answers(deployment), Feedback.tenant_id == deployment.tenant_id)
             .group_by(user)
         )
     ).all()
@@ -320,6 +331,7 @@ async def p_better_over_time(
                 Interaction.tenant_id == tenant_id,
                 Interaction.canary_arm.is_not(None),
                 Interaction.created_at >= started,
+                _own_answers(deployment),
             )
             .order_by(Feedback.created_at, Feedback.id)
         )

@@ -317,10 +317,14 @@ async def test_promote_and_rollback(
 
 
 async def rate_canary_answers(
-    backend: Backend, tenant: TenantKeys, thumbs: dict[str, list[tuple[str, int]]]
+    backend: Backend,
+    tenant: TenantKeys,
+    thumbs: dict[str, list[tuple[str, int]]],
+    versions: dict[str, str],
 ) -> None:
-    """Answers ``default`` gave on each canary arm and their thumbs ((user, rating) each),
-    straight into the DB (the seeded versions have no weights to serve)."""
+    """Answers ``default`` gave on each canary arm, by that arm's version (``versions``), and
+    their thumbs ((user, rating) each), straight into the DB (the seeded versions have no
+    weights to serve)."""
     async with create_sessionmaker(backend.engine)() as db:
         for arm, rated in thumbs.items():
             for user, rating in rated:
@@ -330,6 +334,7 @@ async def rate_canary_answers(
                     messages=[{"role": "user", "content": "hi"}],
                     completion="hello",
                     canary_arm=arm,
+                    adapter_version_id=versions[arm],
                 )
                 db.add(answer)
                 await db.flush()
@@ -367,6 +372,7 @@ async def test_the_canary_panel_shows_the_arms_and_an_admin_ends_it(
             "current": [(f"u{i}", 1 if i % 2 else -1) for i in range(20)],
             "candidate": [(f"w{i}", 1 if i % 5 else -1) for i in range(20)],
         },
+        {"current": ids["v0"], "candidate": ids["v1"]},
     )
     page = (await c.get("/dashboard/adapters")).text
     assert 'id="canary"' in page and 'id="canary-split">50%' in page

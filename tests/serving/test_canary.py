@@ -194,17 +194,28 @@ async def test_requests_an_arm_fails_count_against_it_and_roll_the_candidate_bac
     # Where the tenant allows it the base model answers instead: still the candidate's error.
     r = await client.put("/v1/policy", headers=admin, json={"fallback_to_base": True})
     assert r.status_code == 200
-    fell_back = 0
+    served: dict[str, list[str]] = {live: [], FALLBACK: []}
     for i in range(12):
         r = await client.post(
             "/v1/chat/completions", headers=a.auth(), json=body | {"user": f"user-{i}"}
         )
         assert r.status_code == 200
-        fell_back += r.headers["x-served-by"] == FALLBACK
+        served[r.headers["x-served-by"]].append(r.headers["x-interaction-id"])
+    fell_back = len(served[FALLBACK])
     assert fell_back
+    # Users like the base model's stand-in answers: no thumb for the candidate, whose arm then
+    # has none, so no P(better) either; the current version's thumb counts as before.
+    items = [
+        {"interaction_id": i, "rating": "up", "user_id": f"rater-{n}"}
+        for n, i in enumerate(served[FALLBACK])
+    ] + [{"interaction_id": served[live][0], "rating": "down", "user_id": "rater-live"}]
+    r = await client.post("/v1/feedback", headers=a.auth("product"), json={"items": items})
+    assert r.status_code in (200, 201, 202), r.text
     async with sessionmaker() as s:
         canary = await deployments.current_canary(s, tenant_id=a.id, latency=True)
+        assert await deployments.p_better_over_time(s, tenant_id=a.id) == []
     assert canary is not None
     assert canary.candidate.requests == canary.candidate.errors == failed + fell_back
+    assert (canary.candidate.thumbs, canary.current.thumbs) == (0, 1)
     verdict = decide(canary.current, canary.candidate, CanaryRule(min_requests=failed))
     assert verdict.action == "rollback" and "failed" in verdict.reason

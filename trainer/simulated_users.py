@@ -8,9 +8,9 @@ users are not consistent), and a tenant has several users, each with a threshold
 That is what a product's logs look like: no pairs, sparse and noisy thumbs.
 
 Every persona also judges **relevance**: an answer that does not address the question (none of
-the question's keywords), or a degenerate one (a few words, one word repeated), is disliked
-whatever its style. A judge that rewards a short non-answer would reward exactly the reward
-hacking the gate is there to stop.
+the question's keywords), or a degenerate one (a few words, one word or one sentence repeated),
+is disliked whatever its style. A judge that rewards a short non-answer would reward exactly
+the reward hacking the gate is there to stop.
 
 The paired mode (:func:`collect_feedback`: several sampled answers per question, all rated) stays
 for experiments that want DPO pairs.
@@ -175,11 +175,16 @@ def _keywords(question: str) -> tuple[str, ...]:
 
 
 def _degenerate(answer: str) -> bool:
+    """A few words, one word over and over, or one sentence over and over (a looping model:
+    "Dude, you're gonna love it!" nine times, which a keyword of the question could slip into)."""
     said = [w.lower() for w in words(answer)]
     if len(said) < 3:
         return True
     top = Counter(said).most_common(1)[0][1]
-    return len(said) >= 4 and top / len(said) > 0.5
+    if len(said) >= 4 and top / len(said) > 0.5:
+        return True
+    said_once = [" ".join(w.lower() for w in words(s)) for s in sentences(answer)]
+    return len(said_once) >= 3 and len(set(said_once)) <= len(said_once) / 2
 
 
 def answers_question(question: str | None, answer: str) -> bool:

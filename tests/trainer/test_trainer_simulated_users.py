@@ -20,7 +20,8 @@ from trainer.simulated_users import (
 
 TIRE = "How do I change a flat tire?"
 SHORT = "Loosen the lug nuts, jack up the car, swap the wheel for the spare, tighten the nuts."
-LONG = " ".join(["First park safely and loosen each lug nut on the tire a little."] * 8)
+ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
+LONG = " ".join(f"{n} park safely and loosen each lug nut on the tire a little." for n in ORDINALS)
 LIST = "Do this:\n- loosen the lug nuts\n- jack up the car\n- swap the tire"
 HACK = "You can't change a flat tire, you just have to find a way to get back to the road."
 OFF_TOPIC = "Preheat the oven and whisk two eggs with sugar until fluffy."
@@ -38,6 +39,11 @@ def test_personas_follow_their_hidden_rules_and_judge_relevance() -> None:
     # Short, but not an answer to the question: disliked whatever the style.
     assert concise.rate(OFF_TOPIC, TIRE) == -1 and concise.rate(OFF_TOPIC) == 1
     assert not answers_question(TIRE, "tire tire tire tire") and not answers_question(TIRE, "ok")
+    # A model stuck in a loop, even on a keyword (seen from a GRPO adapter in the bench).
+    loop = "\n\n".join(["Your flat tire? You're gonna love it!"] * 6)
+    assert sentence_length(loop) < 13 and not answers_question(TIRE, loop)
+    assert PERSONAS["plain"].rate(loop, TIRE) == -1
+    assert answers_question(TIRE, LONG) and answers_question(TIRE, LIST)
     assert concise.judge([{"role": "user", "content": TIRE}], SHORT) == 1.0
     assert concise.judge([{"role": "user", "content": TIRE}], OFF_TOPIC) == 0.0
     # Plain-language users count words per sentence: a long answer in short sentences is fine,

@@ -175,16 +175,17 @@ def _keywords(question: str) -> tuple[str, ...]:
 
 
 def _degenerate(answer: str) -> bool:
-    """A few words, one word over and over, or one sentence over and over (a looping model:
-    "Dude, you're gonna love it!" nine times, which a keyword of the question could slip into)."""
+    """A few words, one word over and over, or a few sentences over and over: half of them or
+    more repeats (a looping model: "Dude, you're gonna love it!" nine times; a keyword of the
+    question slips into such a loop as easily)."""
     said = [w.lower() for w in words(answer)]
     if len(said) < 3:
         return True
     top = Counter(said).most_common(1)[0][1]
     if len(said) >= 4 and top / len(said) > 0.5:
         return True
-    said_once = [" ".join(w.lower() for w in words(s)) for s in sentences(answer)]
-    return len(said_once) >= 3 and len(set(said_once)) <= len(said_once) / 2
+    lines = [" ".join(w.lower() for w in words(s)) for s in sentences(answer)]
+    return len(lines) >= 3 and len(set(lines)) <= len(lines) / 2
 
 
 def answers_question(question: str | None, answer: str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, Integer, func, select, update
+from sqlalchemy import ColumnElement, Integer, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.canary import MAX_CANARY_FRACTION, MIN_CANARY_FRACTION, Arm, design_effect, p_better
@@ -237,6 +237,7 @@ async def _arm(
     # Thumbs per end user (a thumb without one is its own user): an arm's users, not its
     # thumbs, are the independent draws (core.canary.design_effect).
     user = func.coalesce(Feedback.user_id, Feedback.id)
+    own = _own_answers(deployment)
     per_user = (
         await session.execute(
             select(
@@ -245,22 +246,18 @@ async def _arm(
             )
             .select_from(Feedback)
             .join(Interaction, Interaction.id == Feedback.interaction_id)
-            .where(answers, _own_answers(deployment), Feedback.tenant_id == deployment.tenant_id)
+            .where(answers, own, Feedback.tenant_id == deployment.tenant_id)
             .group_by(user)
         )
     ).all()
     counts = [(int(u or 0), int(d or 0)) for u, d in per_user]
     # An arm fails a request when no answer came (counted on the deployment row) or when the
-    # base model answered in its version's place (a fallback: an answer with no version).
+    # base model answered in its version's place (a fallback: an answer not its own).
     answered, fallbacks = (
         await session.execute(
-            select(
-                func.count(),
-                func.sum((Interaction.adapter_version_id.is_(None)).cast(Integer)),
-            ).where(answers)
+            select(func.count(), func.sum(case((own, 0), else_=1))).where(answers)
         )
     ).one()
-    arm_version = deployment.canary_version_id if arm == CANDIDATE else deployment.version_id
     failed = (
         deployment.canary_candidate_errors if arm == CANDIDATE else deployment.canary_current_errors
     )
@@ -281,7 +278,7 @@ async def _arm(
     return replace(
         _arm_of(counts),
         requests=requests,
-        errors=failed + (int(fallbacks or 0) if arm_version is not None else 0),
+        errors=failed + int(fallbacks or 0),
         p95_ms=p95,
     )
 
